@@ -1,0 +1,73 @@
+# SE ablation runner. `make ablation-ratio` runs the main job; `make test` runs the tests.
+# Every target installs first, so each works as the very first command on a fresh machine.
+# PYTHON=/path/to/python uses an existing environment (e.g. a GPU box with torch preinstalled).
+
+PROFILE ?= quick
+SEEDS   ?= 3
+WORKERS ?= 1
+DEVICES ?=
+STORAGE ?=
+RESULTS ?= results
+PORT    ?= 8080
+PYTEST_ARGS ?=
+
+ifdef PYTHON
+PY := $(PYTHON)
+STAMP := .stamp-system
+else
+PY := .venv/bin/python
+STAMP := .venv/.installed
+endif
+
+ABLATE = $(PY) -m ablations
+RUN_OPTS = --profile $(PROFILE) --seeds $(SEEDS) --workers $(WORKERS) --results-dir $(RESULTS) \
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(STORAGE),--storage $(STORAGE))
+AXES = ratio squeeze excitation stages integration se3x3 nosqueeze
+
+.PHONY: install test lint ablations $(addprefix ablation-,$(AXES)) dashboard status tables figures \
+	notebooks report bench clean
+
+install: $(STAMP)
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --upgrade pip
+	.venv/bin/pip install -e '.[dev,scale]'
+	touch $@
+
+# An existing interpreter: install the project without touching its packages (no registry needed).
+.stamp-system: pyproject.toml
+	$(PY) -m pip install --no-deps --no-build-isolation -e . || echo "(using the source tree via PYTHONPATH)"
+	touch $@
+
+export PYTHONPATH := $(CURDIR)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+
+$(addprefix ablation-,$(AXES)): ablation-%: install
+	$(ABLATE) run $* $(RUN_OPTS)
+
+ablations: install
+	$(ABLATE) run $(AXES) $(RUN_OPTS)
+
+status: install
+	$(ABLATE) status --results-dir $(RESULTS) $(if $(STORAGE),--storage $(STORAGE))
+
+dashboard: install
+	$(ABLATE) dashboard --results-dir $(RESULTS) --port $(PORT) $(if $(STORAGE),--storage $(STORAGE))
+
+tables figures report: install
+	$(ABLATE) $@ --profile $(PROFILE) --results-dir $(RESULTS) $(if $(STORAGE),--storage $(STORAGE))
+
+notebooks: install
+	$(ABLATE) notebooks --profile $(PROFILE) --results-dir $(RESULTS) $(if $(STORAGE),--storage $(STORAGE))
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf .venv .stamp-system *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from ablations.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""timm ResNet-family backbones with SE blocks patched in at any position and stage.
+
+Every position uses a hook point timm's blocks already have, so block forwards stay timm's own and
+the result trains, scripts and compiles like any timm model:
+
+    position   Bottleneck                                BasicBlock
+    standard   block.se: after bn3, before the addition    block.se: after bn2, before the addition
+    pre        before conv1: the unit's input, residual      same, before conv1
+               branch only (the shortcut sees the input)
+    post       after act3: after addition + final ReLU       after act2
+    identity   on the shortcut (after downsample, if any)    same
+    3x3        after the 3x3 conv's BN + ReLU (block.aa),    after the first 3x3 conv's BN + ReLU
+               C = bottleneck width                          (the second 3x3 is where standard sits)
+
+Stage i of the paper (conv<i>_x, i = 2..5) is timm's `layer<i-1>`; the j-th block's SE is `SE_i_j`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import timm
+import torch
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from ablations.errors import SpecError
+from ablations.se import SEModule
+from ablations.spec import BackboneSpec, SESpec
+
+BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _stage_layers(model: ResNet) -> list[tuple[int, nn.Sequential]]:
+    return [(i + 2, getattr(model, f"layer{i + 1}")) for i in range(4)]
+
+
+def se_channels(block: nn.Module, position: str) -> int:
+    """C of the feature map the SE block at `position` recalibrates in `block`."""
+    bottleneck = isinstance(block, Bottleneck)
+    if position in ("standard", "post", "identity"):
+        return (block.conv3 if bottleneck else block.conv2).out_channels
+    if position == "pre":
+        return block.conv1.in_channels
+    if position == "3x3":
+        return (block.conv2 if bottleneck else block.conv1).out_channels
+    raise SpecError(f"unknown position {position!r}", key="position")
+
+
+def _after(first: nn.Module, se: SEModule) -> nn.Module:
+    """`first` then `se`, dropping `first` when it is an Identity placeholder."""
+    if isinstance(first, nn.Identity):
+        return se
+    return nn.Sequential(OrderedDict(orig=first, se=se))
+
+
+def _insert(block: nn.Module, position: str, se: SEModule) -> None:
+    bottleneck = isinstance(block, Bottleneck)
+    if position == "standard":
+        block.se = se
+    elif position == "pre":
+        block.conv1 = nn.Sequential(OrderedDict(se=se, conv=block.conv1))
+    elif position == "post":
+        name = "act3" if bottleneck else "act2"
+        setattr(block, name, nn.Sequential(OrderedDict(act=getattr(block, name), se=se)))
+    elif position == "identity":
+        block.downsample = se if block.downsample is None else _after(block.downsample, se)
+    elif position == "3x3":
+        block.aa = _after(block.aa, se)
+
+
+def patch_se(model: ResNet, se: SESpec) -> ResNet:
+    """Insert SE blocks into `model` in place (and return it), named `SE_<stage>_<block>`."""
+    if not isinstance(model, ResNet):
+        raise SpecError(f"SE patching needs a timm ResNet-family model, got {type(model).__name__}",
+                        key="backbone.arch")
+    for stage, layer in _stage_layers(model):
+        if stage not in se.stages:
+            continue
+        for j, block in enumerate(layer, start=1):
+            channels = se_channels(block, se.position)
+            module = SEModule(channels, se.reduction, se.squeeze, se.gate, se.bias, name=f"SE_{stage}_{j}")
+            _insert(block, se.position, module)
+    return model
+
+
+def se_blocks(model: nn.Module) -> dict[str, SEModule]:
+    """The model's SE blocks by paper name, in network order (SE_2_1, SE_2_2, ...)."""
+    return {m.name: m for m in model.modules() if isinstance(m, SEModule)}
+
+
+def _move_stride_to_1x1(model: ResNet) -> None:
+    """Original ResNet: stride in the first 1x1 conv of downsampling bottlenecks (timm: in the 3x3)."""
+    for _, layer in _stage_layers(model):
+        for block in layer:
+            if isinstance(block, Bottleneck) and block.conv2.stride != (1, 1):
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+def _small_stem(model: ResNet, in_chans: int) -> None:
+    """3x3 stride-1 stem and no max-pool: keeps resolution for 32x32-sized inputs."""
+    width = model.bn1.num_features
+    model.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def build_backbone(spec: BackboneSpec) -> ResNet:
+    """A randomly initialised timm ResNet-family model as `spec` describes it."""
+    if not timm.is_model(spec.arch):
+        raise SpecError(f"unknown timm model {spec.arch!r}", key="backbone.arch")
+    kwargs: dict = {"num_classes": spec.num_classes, "in_chans": spec.in_chans}
+    if spec.layers is not None:
+        kwargs["layers"] = spec.layers
+    if spec.channels is not None:
+        kwargs["channels"] = spec.channels
+    if spec.stem_width is not None:
+        kwargs["stem_width"] = spec.stem_width
+    if spec.block is not None:
+        kwargs["block"] = BLOCK_TYPES[spec.block]
+    try:
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except TypeError as e:  # a non-ResNet arch rejects ResNet keyword arguments
+        raise SpecError(f"{spec.arch!r} is not a timm ResNet-family model ({e})", key="backbone.arch") from None
+    if not isinstance(model, ResNet):
+        raise SpecError(f"{spec.arch!r} is not a timm ResNet-family model", key="backbone.arch")
+    if any(isinstance(m, nn.Module) and m.__class__.__name__ in ("SEModule", "EcaModule")
+           for m in model.modules()):
+        raise SpecError(f"{spec.arch!r} already has attention blocks; use the plain ResNet",
+                        key="backbone.arch")
+    if spec.stride_in_1x1:
+        _move_stride_to_1x1(model)
+    if spec.small_stem:
+        _small_stem(model, spec.in_chans)
+    return model
+
+
+def build_model(backbone: BackboneSpec, se: SESpec | None) -> ResNet:
+    """Backbone + SE (None: no SE). The one factory the trainer, complexity and tests use."""
+    model = build_backbone(backbone)
+    return patch_se(model, se) if se is not None else model
+
+
+def check_fits(backbone: BackboneSpec, se: SESpec | None) -> None:
+    """Raise SpecError if the setting cannot be built (bad arch, r > C, ...); builds on the meta device."""
+    with torch.device("meta"):
+        build_model(backbone, se)

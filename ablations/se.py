@@ -1,0 +1,79 @@
+"""The SE block family of the paper's ablations (Sec. 6), one module for every variant.
+
+    z = squeeze(U)                  avg | max global pooling, or none (NoSqueeze: every position)
+    s = gate(W2 . relu(W1 . z))     W1: C -> C/r, W2: C/r -> C, gate sigmoid | tanh | relu
+    out = U * s                     channel-wise (NoSqueeze: element-wise, s keeps H x W)
+
+Differences from timm's `SEModule`, on purpose: the hidden width is exactly C // r (timm rounds to a
+multiple of 8), `max` is true global max pooling (timm's `add_maxpool` is 0.5 avg + 0.5 max), and the
+FCs have no bias by default (the paper's parameter counts). The FCs are 1x1 convs, so the state-dict
+keys (`fc1`, `fc2`) match timm's `seresnet*` and NoSqueeze is the same module applied unpooled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ablations.errors import SpecError
+
+GATES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+SQUEEZES = ("avg", "max", "none")
+
+
+def hidden_width(channels: int, reduction: int) -> int:
+    """C // r, the paper's bottleneck width; r must be in 1..C."""
+    if not 0 < reduction <= channels:
+        raise SpecError(f"must be in 1..C for a block with C={channels} channels (got {reduction})",
+                        key="reduction")
+    return max(1, channels // reduction)
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-Excitation on a [N, C, H, W] map.
+
+    Args:
+        channels: C, channels of the map it recalibrates.
+        reduction: r; hidden width is exactly C // r.
+        squeeze: "avg" (paper default), "max" (Table 11) or "none" (NoSqueeze, Table 16).
+        gate: "sigmoid" (default), "tanh" or "relu" (Table 12).
+        bias: FC biases (off for the paper's ablations; on to match timm's `seresnet*`).
+        name: the paper's name of this block, `SE_<stage>_<block>` (Fig. 6).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, squeeze: str = "avg", gate: str = "sigmoid",
+                 bias: bool = False, name: str = ""):
+        super().__init__()
+        if squeeze not in SQUEEZES:
+            raise SpecError(f"unknown squeeze {squeeze!r} (known: {', '.join(SQUEEZES)})", key="squeeze")
+        if gate not in GATES:
+            raise SpecError(f"unknown gate {gate!r} (known: {', '.join(GATES)})", key="gate")
+        hidden = hidden_width(channels, reduction)
+        self.channels, self.reduction, self.squeeze, self.name = channels, reduction, squeeze, name
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+        # A module of its own so the excitation s can be read with a forward hook (probe.py).
+        self.gate = GATES[gate]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.squeeze == "avg":
+            z = x.mean((2, 3), keepdim=True)
+        elif self.squeeze == "max":
+            z = x.amax((2, 3), keepdim=True)
+        else:
+            z = x
+        s = self.gate(self.fc2(self.act(self.fc1(z))))
+        return x * s
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, C={self.channels}, r={self.reduction}, squeeze={self.squeeze!r}"
+
+    def macs_beyond_convs(self, x_shape: torch.Size) -> int:
+        """MACs that FLOP counters miss: the squeeze's pooling and the scaling, C*H*W each per image.
+
+        The FCs are convs and are counted by torch's FlopCounterMode.
+        """
+        n, c, h, w = x_shape
+        pooling = 0 if self.squeeze == "none" else c * h * w
+        return n * (pooling + c * h * w)

@@ -1,0 +1,352 @@
+"""Specs: what an SE block, a backbone, a setting, a sweep and a profile are, and how files become them.
+
+Data flows one way: `sweeps/<axis>.yaml` + `sweeps/profiles/<profile>.yaml` -> `Sweep` and `Profile`
+-> `RunConfig` per (setting, seed). Every key has a one-line comment; invariants that need more than a
+type are checked in the model validators. Any invalid input raises `SpecError` naming file and key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablations.errors import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS_DIR = ROOT / "sweeps"
+PROFILES_DIR = SWEEPS_DIR / "profiles"
+
+STAGES = (2, 3, 4, 5)  # the paper's conv2_x..conv5_x = timm layer1..layer4
+POSITIONS = ("standard", "pre", "post", "identity", "3x3")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SESpec(Frozen):
+    """One SE configuration (paper Sec. 6). Defaults are the paper's standard SE-ResNet block."""
+
+    reduction: int = Field(16, gt=0)  # r: hidden width is exactly C // r (at least 1; r <= C)
+    squeeze: Literal["avg", "max", "none"] = "avg"  # global avg / global max pooling; none = NoSqueeze
+    gate: Literal["sigmoid", "tanh", "relu"] = "sigmoid"  # final excitation non-linearity (Table 12)
+    position: Literal["standard", "pre", "post", "identity", "3x3"] = "standard"  # Table 14/15
+    stages: tuple[Literal[2, 3, 4, 5], ...] = STAGES  # stages holding SE ("all" = 2..5, Table 13)
+    bias: bool = False  # FC bias; the paper's ablation parameter counts are weights only
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _all_stages(cls, v: Any) -> Any:
+        if v == "all":
+            return STAGES
+        if isinstance(v, int):
+            return (v,)
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("needs at least one stage (disable SE with `se: false` instead)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated stage in {list(v)}")
+        return tuple(sorted(v))
+
+
+class BackboneSpec(Frozen):
+    """A timm ResNet-family backbone plus the paper-faithful options timm lacks."""
+
+    arch: str = "resnet50"  # timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)
+    layers: tuple[int, ...] | None = None  # blocks per stage, overrides the arch's depth
+    channels: tuple[int, ...] | None = None  # per-stage base widths (timm `channels`), for small profiles
+    stem_width: int | None = Field(None, gt=0)  # stem output channels (timm `stem_width`)
+    block: Literal["basic", "bottleneck"] | None = None  # override the arch's block type
+    num_classes: int = Field(1000, gt=1)  # classifier outputs; must match the data set
+    in_chans: int = Field(3, gt=0)  # input channels
+    small_stem: bool = False  # 3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs
+    stride_in_1x1: bool = False  # stride in the first 1x1 of downsampling bottlenecks (original ResNet)
+
+    @model_validator(mode="after")
+    def _stage_lists_agree(self) -> BackboneSpec:
+        if self.layers is not None and self.channels is not None and len(self.layers) != len(self.channels):
+            raise ValueError(f"layers has {len(self.layers)} stages but channels has {len(self.channels)}")
+        for name in ("layers", "channels"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != 4 or min(values) < 1):
+                raise ValueError(f"{name} needs 4 positive integers (stages 2..5), got {list(values)}")
+        return self
+
+
+class Setting(Frozen):
+    """One row of an ablation table: a label, an SE spec (None = no SE) and backbone overrides."""
+
+    label: str = Field(min_length=1)  # the paper's row label, e.g. "r=16", "SE-PRE", "ResNet-50"
+    se: SESpec | None = SESpec()  # None: the plain backbone (the table's reference row)
+    backbone: dict[str, Any] = Field(default_factory=dict)  # overrides of the profile's backbone keys
+
+    @property
+    def slug(self) -> str:
+        """File-system-safe form of the label, used for the run directory."""
+        return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", self.label)
+
+
+class Sweep(Frozen):
+    """One ablation axis: an ordered list of settings, trained `seeds` times each."""
+
+    name: str  # study name prefix; defaults to the file's stem
+    description: str = ""  # one paragraph shown in tables and the dashboard
+    table: int | None = None  # the paper's table number this sweep reproduces
+    reference: str | None = None  # label of the row deltas are measured against
+    seeds: int = Field(3, gt=0)  # default seeds per setting
+    settings: tuple[Setting, ...] = Field(min_length=1)  # rows, in the paper's order
+    path: str | None = None  # where it was loaded from (not a YAML key)
+
+    @model_validator(mode="after")
+    def _labels(self) -> Sweep:
+        labels = [s.label for s in self.settings]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"duplicate labels {dupes}")
+        slugs = [s.slug for s in self.settings]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError("two labels map to the same directory name")
+        if self.reference is not None and self.reference not in labels:
+            raise ValueError(f"reference {self.reference!r} is not one of the labels {labels}")
+        return self
+
+
+class DataSpec(Frozen):
+    """Where images come from and how they are shaped."""
+
+    dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: str | None = None  # data root for cifar10/cifar100/imagefolder (--data-root)
+    download: bool = False  # let torchvision download CIFAR where the network allows
+    input_size: int = Field(32, gt=0)  # square input side the model sees
+    batch_size: int = Field(128, gt=0)  # global training batch
+    eval_batch_size: int = Field(512, gt=0)  # evaluation batch
+    workers: int = Field(4, ge=0)  # DataLoader workers (imagefolder only; in-memory sets need none)
+    synthetic_size: int = Field(2048, gt=0)  # synthetic: training images (val is a quarter)
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: held-out stratified fraction
+
+
+class TrainSpec(Frozen):
+    """The optimisation recipe."""
+
+    epochs: int = Field(10, gt=0)  # passes over the training set
+    lr: float = Field(0.1, gt=0)  # peak learning rate for the global batch
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = Field(1e-4, ge=0)  # L2 penalty
+    wd_skip_bn_bias: bool = True  # no weight decay on BN parameters and biases
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
+    schedule: Literal["step", "cosine", "constant"] = "cosine"  # LR schedule after warmup
+    step_every: int = Field(30, gt=0)  # step schedule: decay every this many epochs (paper: 30)
+    step_gamma: float = Field(0.1, gt=0, le=1)  # step schedule: decay factor (paper: 0.1)
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # deterministic algorithms (bitwise-repeatable on CPU)
+    threads: int | None = Field(None, gt=0)  # torch CPU threads (None: torch's default)
+
+
+class Profile(Frozen):
+    """Backbone + data + recipe: where and how big a sweep runs (quick / cifar / paper)."""
+
+    name: str  # profile name; defaults to the file's stem
+    description: str = ""  # one line for --help and the README
+    backbone: BackboneSpec = BackboneSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    path: str | None = None  # where it was loaded from (not a YAML key)
+
+
+class RunConfig(Frozen):
+    """Everything one trial needs: resolved profile + setting + seed. Written as config.yaml."""
+
+    sweep: str  # sweep name ("" for a single `ablate train`)
+    profile: str  # profile name
+    setting: str  # setting label
+    seed: int = Field(ge=0)  # RNG seed
+    se: SESpec | None  # None: no SE
+    backbone: BackboneSpec
+    data: DataSpec
+    train: TrainSpec
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading files
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("literal", "function-after", "function-before", "tuple", "list"):
+            continue  # pydantic's internal validator names, not user keys
+        elif str(part).startswith(("literal[", "function-")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def from_validation_error(err: ValidationError, source: str, prefix: str = "") -> SpecError:
+    """The first pydantic error as a one-line SpecError naming file and key."""
+    first = err.errors()[0]
+    key = _format_loc(tuple(first["loc"]))
+    key = ".".join(p for p in (prefix, key) if p)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    return SpecError(msg, source=source, key=key or None)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError("no such file", source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        raise SpecError(f"malformed YAML: {problem}", source=str(path), key=where) from None
+    if not isinstance(data, dict):
+        raise SpecError("must be a YAML mapping at the top level", source=str(path))
+    return data
+
+
+def _resolve(name_or_path: str | Path, directory: Path, kind: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    candidate = directory / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(x.stem for x in directory.glob("*.yaml"))
+    raise SpecError(f"unknown {kind} (known: {', '.join(known)})", source=str(name_or_path))
+
+
+def _setting_from_yaml(raw: Any) -> dict[str, Any]:
+    """`{label, se: false}` or `{label, <SE keys...>, backbone: {...}}` -> Setting fields."""
+    if not isinstance(raw, dict):
+        raise SpecError("each setting must be a mapping with a label")
+    raw = dict(raw)
+    out: dict[str, Any] = {"label": raw.pop("label", None)}
+    if out["label"] is None:
+        raise SpecError("missing", key="label")
+    out["label"] = str(out["label"])
+    if "backbone" in raw:
+        out["backbone"] = raw.pop("backbone")
+    enabled = raw.pop("se", True)
+    if enabled is False:
+        if raw:
+            raise SpecError("SE keys given but `se: false`", key=sorted(raw)[0])
+        out["se"] = None
+    elif enabled is True:
+        out["se"] = raw
+    else:
+        raise SpecError(f"must be true or false (got {enabled!r})", key="se")
+    return out
+
+
+def load_sweep(name_or_path: str | Path) -> Sweep:
+    """A sweep by name (`ratio`) or path (`sweeps/ratio.yaml`), validated."""
+    path = _resolve(name_or_path, SWEEPS_DIR, "sweep")
+    data = _read_yaml(path)
+    source = str(path)
+    settings = data.get("settings")
+    if not isinstance(settings, list) or not settings:
+        raise SpecError("needs a non-empty list of settings", source=source, key="settings")
+    rows = []
+    for i, raw in enumerate(settings):
+        try:
+            rows.append(_setting_from_yaml(raw))
+        except SpecError as e:
+            raise e.within(source, f"settings[{i}]") from None
+    fields = {**data, "settings": rows, "path": source}
+    fields.setdefault("name", path.stem)
+    try:
+        sweep = Sweep.model_validate(fields)
+    except ValidationError as e:
+        raise from_validation_error(e, source) from None
+    for i, s in enumerate(sweep.settings):  # backbone overrides are checked against the schema now
+        try:
+            BackboneSpec.model_validate(s.backbone)
+        except ValidationError as e:
+            raise from_validation_error(e, source, f"settings[{i}].backbone") from None
+    return sweep
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`data.batch_size=64` -> ("data.batch_size", 64) with YAML typing of the value."""
+    if "=" not in item:
+        raise SpecError("expected key=value", source="--set", key=item)
+    key, value = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(f"malformed value {value!r}", source="--set", key=key) from None
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    sections = {"backbone": BackboneSpec, "data": DataSpec, "train": TrainSpec}
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, field = key.partition(".")
+        if section not in sections or field not in sections[section].model_fields:
+            raise SpecError("unknown key", source="--set", key=key)
+        data.setdefault(section, {})[field] = value
+    return data
+
+
+def load_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    """A profile by name (`quick`) or path, with `section.key=value` overrides applied and validated."""
+    path = _resolve(name_or_path, PROFILES_DIR, "profile")
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    data = _apply_overrides(data, list(overrides))
+    source = str(path) if not overrides else f"{path} (with --set)"
+    try:
+        return Profile.model_validate({**data, "path": str(path)})
+    except ValidationError as e:
+        raise from_validation_error(e, source) from None
+
+
+def run_config(profile: Profile, setting: Setting, seed: int, sweep: str = "") -> RunConfig:
+    """Resolve one trial: the profile's backbone with the setting's overrides, the setting's SE."""
+    backbone = profile.backbone.model_copy(update=setting.backbone)
+    try:  # re-validate: model_copy does not
+        backbone = BackboneSpec.model_validate(backbone.model_dump())
+    except ValidationError as e:
+        raise from_validation_error(e, profile.path or profile.name, "backbone") from None
+    return RunConfig(
+        sweep=sweep,
+        profile=profile.name,
+        setting=setting.label,
+        seed=seed,
+        se=setting.se,
+        backbone=backbone,
+        data=profile.data,
+        train=profile.train,
+    )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read back a config.yaml written by `RunConfig.to_yaml`."""
+    try:
+        return RunConfig.model_validate(_read_yaml(Path(path)))
+    except ValidationError as e:
+        raise from_validation_error(e, str(path)) from None
