@@ -83,7 +83,82 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. data.input_size=160 (repeatable)")
     c.set_defaults(func=cmd_complexity)
+
+    def common(q: argparse.ArgumentParser, profile: str | None = "quick") -> None:
+        if profile is not None:
+            q.add_argument("--profile", default=profile, help=f"profile name or YAML path (default: {profile})")
+        q.add_argument("--results-dir", default="results", help="results directory (default: results/)")
+        q.add_argument("--storage", default=None,
+                       help="Optuna storage URL (default: sqlite:///<results-dir>/optuna.db)")
+
+    def overrides(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a profile key, e.g. train.epochs=5 (repeatable)")
+        q.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder")
+
+    t = sub.add_parser("train", help="train one setting into a run directory")
+    t.add_argument("--profile", default="quick", help="profile name or YAML path (default: quick)")
+    t.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
+    t.add_argument("--sweep", default=None, help="take the SE setting from this sweep (with --setting)")
+    t.add_argument("--setting", default=None, help="row label in --sweep (default: standard SE, r=16)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    overrides(t)
+    t.set_defaults(func=_lazy("ablations.train", "cli_train"))
+
+    r = sub.add_parser("run", help="run whole sweeps (one Optuna study per sweep and profile)")
+    r.add_argument("sweeps", nargs="+", help="sweep names or YAML paths")
+    common(r)
+    r.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the sweep's)")
+    r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    r.add_argument("--devices", default=None, help="cpu or cuda:0,cuda:1,... (workers pinned round-robin)")
+    r.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
+    overrides(r)
+    r.set_defaults(func=_lazy("ablations.scheduler", "cli_run"))
+
+    w = sub.add_parser("worker", help="join an existing study and train its pending trials")
+    w.add_argument("--study", required=True, help="study name, <sweep>-<profile>")
+    common(w, profile=None)
+    w.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    w.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
+    w.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder")
+    w.set_defaults(func=_lazy("ablations.scheduler", "cli_worker"))
+
+    st = sub.add_parser("status", help="every study's trial counts and ETA")
+    common(st, profile=None)
+    st.set_defaults(func=_lazy("ablations.scheduler", "cli_status"))
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, bound to 127.0.0.1")
+    common(d, profile=None)
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    d.set_defaults(func=_lazy("ablations.dashboard", "cli_dashboard"))
+
+    tb = sub.add_parser("table", help="print one paper table (mean +- std, CI, Welch p, paper numbers)")
+    tb.add_argument("sweep", help="sweep name or YAML path")
+    common(tb)
+    tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")
+    tb.set_defaults(func=_lazy("analysis.cli", "cli_table"))
+
+    for name, help_ in (("tables", "write every table that has results"),
+                        ("figures", "draw Fig. 6/7, training curves and per-table plots"),
+                        ("notebooks", "execute the analysis notebooks headless"),
+                        ("report", "one self-contained HTML report")):
+        q = sub.add_parser(name, help=help_)
+        common(q)
+        q.set_defaults(func=_lazy("analysis.cli", f"cli_{name}"))
     return p
+
+
+def _lazy(module: str, function: str):
+    """Import the subcommand's module only when it runs (keeps `ablate --help` fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
