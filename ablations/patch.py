@@ -113,8 +113,6 @@ def build_backbone(spec: BackboneSpec) -> ResNet:
         kwargs["layers"] = spec.layers
     if spec.channels is not None:
         kwargs["channels"] = spec.channels
-    if spec.stem_width is not None:
-        kwargs["stem_width"] = spec.stem_width
     if spec.block is not None:
         kwargs["block"] = BLOCK_TYPES[spec.block]
     try:

@@ -63,7 +63,6 @@ class BackboneSpec(Frozen):
     arch: str = "resnet50"  # timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)
     layers: tuple[int, ...] | None = None  # blocks per stage, overrides the arch's depth
     channels: tuple[int, ...] | None = None  # per-stage base widths (timm `channels`), for small profiles
-    stem_width: int | None = Field(None, gt=0)  # stem output channels (timm `stem_width`)
     block: Literal["basic", "bottleneck"] | None = None  # override the arch's block type
     num_classes: int = Field(1000, gt=1)  # classifier outputs; must match the data set
     in_chans: int = Field(3, gt=0)  # input channels
