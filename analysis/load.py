@@ -1,0 +1,185 @@
+"""Results -> one tidy DataFrame: one row per trial, from the Optuna storage and/or the run directories.
+
+The storage is the record of what was scheduled (it knows failed, running and waiting trials); the run
+directories are the record of what was trained (final.json). Either alone is enough: a results dir
+copied without its database still analyses, and so does a shared PostgreSQL storage whose run dirs live
+on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+KEY = ("sweep", "profile", "setting", "seed")
+METRICS = (
+    "top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs",
+    "train_seconds", "images_per_s", "epochs",
+)
+TEXT = ("device", "git_commit", "run_dir", "fail_reason")
+COLUMNS = (*KEY, "state", *METRICS, *TEXT, "trial_number", "study", "source", "datetime_complete")
+INCOMPLETE = "INCOMPLETE"  # a run dir with a config but no final.json: interrupted or still training
+
+
+def resolve_storage(results_dir: str | Path, storage: str | None) -> str | None:
+    """The storage URL to read, or None when there is no database to read.
+
+    Default: sqlite:///<results-dir>/optuna.db. A SQLite URL whose file does not exist counts as no
+    storage, because opening it would create an empty database as a side effect of reading.
+    """
+    if storage is None:
+        storage = f"sqlite:///{Path(results_dir) / 'optuna.db'}"
+    if storage.startswith("sqlite:///"):
+        path = storage.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not Path(path).is_file():
+            return None
+    return storage
+
+
+def _studies(storage_url: str, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    out = []
+    for s in optuna.get_all_study_summaries(storage_url, include_best_trial=False):
+        attrs = dict(s.user_attrs)
+        # Studies are named f"{sweep}-{profile}"; the attrs are authoritative, the name a fallback.
+        name_sweep, _, name_profile = s.study_name.rpartition("-")
+        attrs.setdefault("sweep", name_sweep or s.study_name)
+        attrs.setdefault("profile", name_profile)
+        if (sweep is None or attrs["sweep"] == sweep) and (profile is None or attrs["profile"] == profile):
+            out.append((s.study_name, attrs))
+    return out
+
+
+def load_studies(results_dir: str | Path, storage: str | None = None, *, sweep: str | None = None,
+                 profile: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(sweep, profile): study user attrs} for the studies in the storage (empty without one)."""
+    url = resolve_storage(results_dir, storage)
+    if url is None:
+        return {}
+    return {(a["sweep"], a["profile"]): a for _, a in _studies(url, sweep, profile)}
+
+
+def _storage_rows(url: str, sweep: str | None, profile: str | None) -> list[dict[str, Any]]:
+    import optuna
+
+    storage = optuna.storages.get_storage(url)
+    rows = []
+    for name, study_attrs in _studies(url, sweep, profile):
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False):
+            attrs = t.user_attrs
+            # A WAITING trial queued with enqueue_trial keeps its grid point in system attrs until it runs.
+            params = t.params or t.system_attrs.get("fixed_params", {})
+            row = {k: attrs.get(k) for k in (*METRICS, *TEXT)}
+            row.update(
+                sweep=attrs.get("sweep", study_attrs["sweep"]),
+                profile=attrs.get("profile", study_attrs["profile"]),
+                setting=params.get("setting", attrs.get("setting")),
+                seed=params.get("seed", attrs.get("seed")),
+                state=t.state.name,
+                trial_number=t.number,
+                study=name,
+                source="storage",
+                datetime_complete=t.datetime_complete,
+            )
+            if row["top1_err"] is None and t.state.name == "COMPLETE":
+                row["top1_err"] = t.value  # the objective is top-1 error
+            rows.append(row)
+    return rows
+
+
+def run_dirs(results_dir: str | Path, profile: str | None = None, sweep: str | None = None) -> list[Path]:
+    """Every <results>/<profile>/<sweep>/<slug>/seed<k>/ that holds a config.yaml or final.json."""
+    base = Path(results_dir)
+    pattern = f"{profile or '*'}/{sweep or '*'}/*/seed*"
+    return sorted(p for p in base.glob(pattern)
+                  if p.is_dir() and ((p / "final.json").is_file() or (p / "config.yaml").is_file()))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # missing or half-written by a trainer that died mid-write: not a result
+    return data if isinstance(data, dict) else None
+
+
+def _dir_row(run_dir: Path) -> dict[str, Any] | None:
+    final = _read_json(run_dir / "final.json")
+    if final is not None:
+        info, state = final, "COMPLETE"
+    else:
+        try:
+            info = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        state = INCOMPLETE
+    # The path encodes profile/sweep/slug/seed<k>; the slug is lossy, so the label comes from the file.
+    profile, sweep = run_dir.parent.parent.parent.name, run_dir.parent.parent.name
+    seed = info.get("seed", run_dir.name.removeprefix("seed"))
+    row = {k: info.get(k) for k in (*METRICS, *TEXT)}
+    row.update(
+        sweep=info.get("sweep") or sweep,
+        profile=info.get("profile") or profile,
+        setting=info.get("setting", run_dir.parent.name),
+        seed=seed,
+        state=state,
+        run_dir=str(run_dir),
+        source="run_dir",
+    )
+    return row
+
+
+def load_trials(results_dir: str | Path, storage: str | None = None, *, sweep: str | None = None,
+                profile: str | None = None) -> pd.DataFrame:
+    """One row per trial (columns `COLUMNS`), optionally only one sweep and/or profile.
+
+    Storage trials come first. A run dir adds a row only where the storage has no COMPLETE trial for its
+    (sweep, profile, setting, seed) -- so a results dir without storage, or a storage that lost a trial
+    whose final.json exists, still counts every finished run exactly once.
+    """
+    url = resolve_storage(results_dir, storage)
+    rows = _storage_rows(url, sweep, profile) if url is not None else []
+    seen_complete = {tuple(r[k] for k in KEY) for r in rows if r["state"] == "COMPLETE"}
+    seen_any = {tuple(r[k] for k in KEY) for r in rows}
+    for d in run_dirs(results_dir, profile, sweep):
+        row = _dir_row(d)
+        if row is None:
+            continue
+        row["seed"] = _as_int(row["seed"])
+        key = tuple(row[k] for k in KEY)
+        if row["sweep"] != (sweep or row["sweep"]) or row["profile"] != (profile or row["profile"]):
+            continue
+        if key in seen_complete or (row["state"] == INCOMPLETE and key in seen_any):
+            continue
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in METRICS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df["seed"] = pd.array([_as_int(s) for s in df["seed"]], dtype="Int64")
+    df["trial_number"] = pd.array(df["trial_number"].tolist(), dtype="Int64")
+    return df
+
+
+def completed(trials: pd.DataFrame) -> pd.DataFrame:
+    """The COMPLETE trials, one per (sweep, profile, setting, seed).
+
+    A grid point can be completed twice (a retry racing a stale worker); the latest completion counts.
+    """
+    done = trials[trials["state"] == "COMPLETE"]
+    done = done.sort_values(["datetime_complete", "trial_number"], na_position="first", kind="stable")
+    return done.drop_duplicates(list(KEY), keep="last").reset_index(drop=True)
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,64 @@
+"""Per-row statistics over seeds: mean, sample std, Student-t 95% CI, Welch's t-test against a reference.
+
+Every number is the textbook formula so it can be checked by hand:
+  mean = sum(x)/n;  std = sqrt(sum((x-mean)^2)/(n-1));  CI = mean -+ t_{0.975, n-1} * std/sqrt(n);
+  Welch: t = (mean_a - mean_b)/sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite degrees of freedom,
+  two-sided p. With fewer than two seeds, std, CI and p are undefined (NaN), never zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof=1)
+    ci_low: float
+    ci_high: float
+
+
+def _values(x: Iterable[float]) -> np.ndarray:
+    a = np.asarray(list(x), dtype=float)
+    return a[~np.isnan(a)]
+
+
+def summarize(x: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
+    a = _values(x)
+    n = a.size
+    if n == 0:
+        return Summary(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(a.mean())
+    if n < 2:
+        return Summary(1, mean, math.nan, math.nan, math.nan)
+    std = float(a.std(ddof=1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+def welch(x: Iterable[float], reference: Iterable[float]) -> tuple[float, float]:
+    """(mean(x) - mean(reference), two-sided Welch p). Delta is defined from one seed each; p needs two.
+
+    When both samples have zero variance (e.g. bitwise-deterministic training), the Welch-Satterthwaite
+    degrees of freedom are 0/0; scipy would still answer p = 0 or NaN, we answer NaN: "no evidence
+    either way", not "certainly different".
+    """
+    a, b = _values(x), _values(reference)
+    if a.size == 0 or b.size == 0:
+        return math.nan, math.nan
+    delta = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return delta, math.nan
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:
+        return delta, math.nan
+    p = float(sps.ttest_ind(a, b, equal_var=False).pvalue)
+    return delta, p
