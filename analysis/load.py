@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -183,3 +185,57 @@ def _as_int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Excitations:
+    """One run's excitations.npz: per block, [classes x channels] mean and std of the gate over images."""
+
+    run_dir: Path
+    blocks: list[str]  # network order, e.g. SE_2_1 ... SE_5_3; empty for a model without SE
+    classes: np.ndarray  # class ids, one per row of every mean/std array
+    counts: np.ndarray  # images per class behind each row
+    mean: dict[str, np.ndarray]
+    std: dict[str, np.ndarray]
+
+
+def read_excitations(run_dir: str | Path) -> Excitations | None:
+    """The run's excitations, or None when the run has no excitations.npz."""
+    path = Path(run_dir) / "excitations.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        blocks = [str(b) for b in z["blocks"]]
+        return Excitations(
+            run_dir=Path(run_dir),
+            blocks=blocks,
+            classes=np.asarray(z["classes"]),
+            counts=np.asarray(z["counts"]),
+            mean={b: np.asarray(z[f"{b}.mean"], dtype=float) for b in blocks},
+            std={b: np.asarray(z[f"{b}.std"], dtype=float) for b in blocks},
+        )
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame | None:
+    """The run's per-epoch metrics.csv, or None when it has none (yet)."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError):
+        return None
+
+
+def locate_run_dir(results_dir: str | Path, row: pd.Series | dict) -> Path:
+    """A trial's run dir: its canonical place under `results_dir` when that exists, else the recorded path.
+
+    Canonical first because `results_dir` is what the user asked to analyse (a copied results dir must
+    not read the original's files); the recorded path covers run dirs kept outside the results dir.
+    """
+    from ablations.spec import Setting
+
+    slug = Setting(label=str(row["setting"])).slug
+    canonical = Path(results_dir) / str(row["profile"]) / str(row["sweep"]) / slug / f"seed{int(row['seed'])}"
+    recorded = row.get("run_dir")
+    if not canonical.is_dir() and isinstance(recorded, str) and recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    return canonical

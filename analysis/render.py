@@ -125,6 +125,11 @@ def _tex(text: str) -> str:
             .replace("<0.001", r"$<$0.001"))
 
 
+def _tex_cell(text: str) -> str:
+    # A minus sign, not a hyphen, in front of negative numbers (deltas).
+    return re.sub(r"^-(?=\d)", "$-$", _tex(text))
+
+
 def _latex(table: Table) -> str:
     df = display_frame(table)
     cols = "l" + "r" * (len(df.columns) - 1)
@@ -139,7 +144,7 @@ def _latex(table: Table) -> str:
         r"\toprule",
         " & ".join(_tex(c) for c in df.columns) + r" \\",
         r"\midrule",
-        *(" & ".join(_tex(c) for c in row) + r" \\" for row in df.astype(str).values.tolist()),
+        *(" & ".join(_tex_cell(c) for c in row) + r" \\" for row in df.astype(str).values.tolist()),
         r"\bottomrule",
         r"\end{tabular}",
     ]

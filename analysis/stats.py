@@ -62,3 +62,12 @@ def welch(x: Iterable[float], reference: Iterable[float]) -> tuple[float, float]
         return delta, math.nan
     p = float(sps.ttest_ind(a, b, equal_var=False).pvalue)
     return delta, p
+
+
+def class_average(means: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The all-class mean excitation per channel from per-class means ([classes x channels]).
+
+    Weighted by images per class, so it equals the mean over all images even when classes are unequal.
+    """
+    w = np.asarray(counts, dtype=float)
+    return (np.asarray(means, dtype=float) * w[:, None]).sum(axis=0) / w.sum()

@@ -43,6 +43,7 @@ class Table:
     sweep: Sweep
     profile: str
     rows: pd.DataFrame  # columns COLUMNS, one row per setting in sweep order
+    runs: pd.DataFrame  # the completed trials behind the rows (load.completed), for per-seed plots
     expected_seeds: list[int]
     missing: list[Missing] = field(default_factory=list)
     unknown_settings: list[str] = field(default_factory=list)  # results whose label the sweep lacks
@@ -125,7 +126,8 @@ def build_table(trials: pd.DataFrame, sweep: Sweep, profile: str, study_attrs: d
     for col in COLUMNS[4:-1]:
         frame[col] = frame[col].astype(float)
     unknown = sorted(set(done["setting"].dropna()) - set(labels))
-    return Table(sweep, profile, frame, seeds, missing, unknown)
+    runs = done[done["setting"].isin(labels)].reset_index(drop=True)
+    return Table(sweep, profile, frame, runs, seeds, missing, unknown)
 
 
 def load_table(results_dir: str | Path, storage: str | None, sweep: Sweep, profile: str) -> Table:

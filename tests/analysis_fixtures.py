@@ -65,8 +65,14 @@ def excitations(path: Path, has_se: bool, seed: int) -> None:
         "counts": rng.integers(20, 40, size=CLASSES),
     }
     for name in names:
-        c = WIDTHS[int(name.split("_")[1])]
-        arrays[f"{name}.mean"] = rng.uniform(0.05, 0.95, size=(CLASSES, c)).astype(np.float32)
+        stage = int(name.split("_")[1])
+        c = WIDTHS[stage]
+        # Like the paper's finding: early blocks class-agnostic, late blocks class-specific.
+        shared = rng.uniform(-1, 1, size=c)
+        specific = rng.uniform(-1, 1, size=(CLASSES, c))
+        w = (stage - 2) / 3
+        logits = (1 - w) * shared + w * 2 * specific + 0.1 * rng.normal(size=(CLASSES, c))
+        arrays[f"{name}.mean"] = (1 / (1 + np.exp(-2 * logits))).astype(np.float32)
         arrays[f"{name}.std"] = rng.uniform(0.0, 0.1, size=(CLASSES, c)).astype(np.float32)
     np.savez(path, **arrays)
 
@@ -81,7 +87,7 @@ def run_dir(root: Path, sweep: str, setting: str, seed: int, base: float, *, npz
     lines = ["epoch,lr,train_loss,val_loss,top1_err,top5_err,epoch_seconds,images_per_s"]
     for e in range(EPOCHS):
         err = info["top1_err"] + 10.0 / (e + 1)
-        lines.append(f"{e},{0.1 / (e + 1):.4f},{2.0 / (e + 1) + 0.01 * seed:.4f},{1.5 / (e + 1):.4f},"
+        lines.append(f"{e},{0.1 / (e + 1):.4f},{base / (e + 1) + 0.01 * seed:.4f},{base / 2 / (e + 1):.4f},"
                      f"{err:.4f},{err / 4:.4f},15.0,1000.0")
     (d / "metrics.csv").write_text("\n".join(lines) + "\n")
     if npz:

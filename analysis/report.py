@@ -1,0 +1,156 @@
+"""One self-contained HTML report per profile: every table and figure (PNG embedded as base64), the sweep
+and profile definitions, failed trials, and the environment the trials ran in and the report was made in.
+
+It writes the tables and figures first (the same files `make tables figures` writes) and embeds those
+files, so the report can never disagree with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from ablations.spec import PROFILES_DIR, ROOT
+from analysis import load
+from analysis._io import write_atomic
+from analysis.figures import figures_dir, write_figures
+from analysis.render import render
+from analysis.tables import Table, write_all_tables
+
+PACKAGES = ("torch", "timm", "optuna", "numpy", "pandas", "scipy", "matplotlib", "seaborn", "pydantic")
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 12.5px; margin: 0.5em 0; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #e3e3e3; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+thead th { border-bottom: 2px solid #999; background: #f6f6f6; }
+figcaption { font-size: 13px; color: #444; max-width: 1100px; margin-bottom: 0.4em; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5em 0; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 12px; }
+ul.missing { color: #a33; font-size: 13px; }
+nav a { margin-right: 1em; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _kv_table(pairs: dict[str, str]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs.items())
+    return f"<table>{rows}</table>"
+
+
+def _trial_environment(results_dir: Path, trials: pd.DataFrame) -> str:
+    """Where each sweep's trials ran: devices, code versions, and one resolved run config."""
+    done = load.completed(trials)
+    parts = []
+    for sweep, runs in done.groupby("sweep", sort=True):
+        devices = ", ".join(sorted({str(d) for d in runs["device"].dropna()})) or "unknown"
+        commits = ", ".join(sorted({str(c) for c in runs["git_commit"].dropna()})) or "unknown"
+        parts.append(f"<h3>{html.escape(str(sweep))}</h3>"
+                     + _kv_table({"devices": devices, "git commits": commits,
+                                  "completed trials": str(len(runs)),
+                                  "train time (sum)": f"{runs['train_seconds'].sum() / 60:.1f} min"}))
+        first = runs.sort_values(["setting", "seed"]).iloc[0]
+        config = load.locate_run_dir(results_dir, first) / "config.yaml"
+        if config.is_file():
+            parts.append(f"<p>Resolved configuration of {html.escape(str(first['setting']))} seed "
+                         f"{int(first['seed'])} (<code>config.yaml</code>):</p>" + _pre(config.read_text()))
+    return "\n".join(parts)
+
+
+def _failures(trials: pd.DataFrame) -> str:
+    failed = trials[trials["state"] == "FAIL"]
+    if failed.empty:
+        return "<p>No failed trials.</p>"
+    view = failed[["sweep", "setting", "seed", "trial_number", "fail_reason"]].fillna("")
+    return view.to_html(index=False, border=0)
+
+
+def _table_section(table: Table, fig_dir: Path) -> str:
+    parts = [f'<h2 id="{table.stem}">{html.escape(table.title)}</h2>', render(table, "html")]
+    for name in (f"{table.stem}_top1", f"fig4_training_{table.sweep.name}"):
+        png = fig_dir / f"{name}.png"
+        if png.is_file():
+            parts.append(_img(png, name))
+    if table.sweep.path and Path(table.sweep.path).is_file():
+        parts.append(f"<details><summary>Sweep definition <code>{html.escape(Path(table.sweep.path).name)}"
+                     f"</code></summary>{_pre(Path(table.sweep.path).read_text())}</details>")
+    return "\n".join(parts)
+
+
+def build_report(results_dir: str | Path, storage: str | None, profile: str) -> str:
+    """The report's HTML (writes the tables and figures it embeds)."""
+    results_dir = Path(results_dir)
+    tables = write_all_tables(results_dir, storage, profile)
+    write_figures(results_dir, storage, profile)
+    fig_dir = figures_dir(results_dir, profile)
+    trials = load.load_trials(results_dir, storage, profile=profile)
+
+    counts = trials["state"].value_counts().to_dict()
+    nav = " ".join(f'<a href="#{t.stem}">{html.escape(t.title.split(" (")[0])}</a>' for t in tables)
+    body = [
+        f"<h1>SE ablations: profile {html.escape(profile)}</h1>",
+        f"<p>Results: <code>{html.escape(str(results_dir.resolve()))}</code>; storage: "
+        f"<code>{html.escape(str(load.resolve_storage(results_dir, storage)))}</code>; generated "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Trials: "
+        + ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items())) + ".</p>",
+        f"<nav>{nav} <a href='#excitations'>Fig. 6/7</a> <a href='#environment'>Environment</a></nav>",
+        *(_table_section(t, fig_dir) for t in tables),
+        '<h2 id="excitations">Fig. 6 and 7: excitations</h2>',
+    ]
+    for name, caption in (("fig6_excitations", "Fig. 6: mean excitation per channel for four classes and "
+                           "the image-weighted average over all classes."),
+                          ("fig7_excitation_spread", "Fig. 7: mean ± std of the excitation over the images of "
+                           "one class.")):
+        png = fig_dir / f"{name}.png"
+        body.append(f"<figure><figcaption>{caption}</figcaption>{_img(png, name)}</figure>" if png.is_file()
+                    else f"<p>{name}: no completed run with SE excitations.</p>")
+    body += ["<h2>Failed trials</h2>", _failures(trials)]
+    profile_yaml = PROFILES_DIR / f"{profile}.yaml"
+    body += ['<h2 id="environment">Environment</h2>', "<h3>Profile</h3>",
+             _pre(profile_yaml.read_text()) if profile_yaml.is_file() else "<p>(profile file not found)</p>",
+             _trial_environment(results_dir, trials),
+             "<h3>This report was made with</h3>",
+             _kv_table({"analysis git commit": _git_commit(), **_versions()})]
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>SE ablations: {html.escape(profile)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(results_dir: str | Path, storage: str | None, profile: str) -> Path:
+    """<results>/<profile>/report.html."""
+    return write_atomic(Path(results_dir) / profile / "report.html", build_report(results_dir, storage, profile))
