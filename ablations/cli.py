@@ -26,6 +26,8 @@ class Parser(argparse.ArgumentParser):
 
 def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) -> list[dict]:
     """One row per setting: exact params/MACs, the paper's precision, and the published values."""
+    import torch
+
     from ablations.complexity import complexity
     from ablations.paper import published_row
     from ablations.patch import build_model
@@ -36,8 +38,9 @@ def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) ->
     rows = []
     for i, setting in enumerate(sweep.settings):
         cfg = run_config(profile, setting, seed=0, sweep=sweep.name)
-        try:
-            model = build_model(cfg.backbone, cfg.se)
+        try:  # counting needs shapes only: build on the meta device (no memory, no init time)
+            with torch.device("meta"):
+                model = build_model(cfg.backbone, cfg.se)
         except SpecError as e:
             raise e.within(sweep.path, f"settings[{i}]") from None
         c = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)

@@ -108,7 +108,8 @@ def build_backbone(spec: BackboneSpec) -> ResNet:
     """A randomly initialised timm ResNet-family model as `spec` describes it."""
     if not timm.is_model(spec.arch):
         raise SpecError(f"unknown timm model {spec.arch!r}", key="backbone.arch")
-    kwargs: dict = {"num_classes": spec.num_classes, "in_chans": spec.in_chans}
+    kwargs: dict = {"num_classes": spec.num_classes, "in_chans": spec.in_chans,
+                    "zero_init_last": spec.zero_init_last}
     if spec.layers is not None:
         kwargs["layers"] = spec.layers
     if spec.channels is not None:

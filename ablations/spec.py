@@ -68,6 +68,8 @@ class BackboneSpec(Frozen):
     in_chans: int = Field(3, gt=0)  # input channels
     small_stem: bool = False  # 3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs
     stride_in_1x1: bool = False  # stride in the first 1x1 of downsampling bottlenecks (original ResNet)
+    zero_init_last: bool = False  # timm's zero-init of each block's last BN (the paper: off; it would
+    #                               hand standard SE all-zero inputs at initialisation)
 
     @model_validator(mode="after")
     def _stage_lists_agree(self) -> BackboneSpec:
@@ -130,6 +132,8 @@ class DataSpec(Frozen):
     workers: int = Field(4, ge=0)  # DataLoader workers (imagefolder only; in-memory sets need none)
     synthetic_size: int = Field(2048, gt=0)  # synthetic: training images (val is a quarter)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: held-out stratified fraction
+    crop_padding: int | None = Field(None, ge=0)  # in-memory sets: pad-and-crop pixels (None: input_size//8)
+    hflip: bool = True  # random horizontal flip in training (off for digits: a mirrored 2 is no 2)
 
 
 class TrainSpec(Frozen):
@@ -147,7 +151,7 @@ class TrainSpec(Frozen):
     step_gamma: float = Field(0.1, gt=0, le=1)  # step schedule: decay factor (paper: 0.1)
     warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format (CUDA and CPU: faster for oneDNN convs too)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bitwise-repeatable on CPU)
     threads: int | None = Field(None, gt=0)  # torch CPU threads (None: torch's default)
@@ -279,7 +283,10 @@ def load_sweep(name_or_path: str | Path) -> Sweep:
     try:
         sweep = Sweep.model_validate(fields)
     except ValidationError as e:
-        raise from_validation_error(e, source) from None
+        err = from_validation_error(e, source)
+        # SE keys sit flat in a setting's YAML (`{label, reduction}`): report them where the user wrote them
+        key = re.sub(r"^(settings\[\d+\])\.se(?=\.|$)", r"\1", err.key or "") or None
+        raise SpecError(err.message, source=source, key=key) from None
     for i, s in enumerate(sweep.settings):  # backbone overrides are checked against the schema now
         try:
             BackboneSpec.model_validate(s.backbone)

@@ -1,0 +1,83 @@
+"""Bad sweep files and options: one line naming file and key, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ablations.cli import main
+from ablations.spec import load_profile, load_sweep
+
+GOOD = "settings:\n  - {label: a, reduction: 8}\n  - {label: b, se: false}\n"
+
+CASES = {
+    "malformed": ("settings: [ {label: a, reduction: 8\n", "malformed YAML"),
+    "unknown_key": ("settings:\n  - {label: a, reduktion: 8}\n", "settings[0].reduktion: unknown key"),
+    "unknown_top_key": ("setings: []\nsettings:\n  - {label: a}\n", "setings: unknown key"),
+    "duplicate": ("settings:\n  - {label: a}\n  - {label: a, reduction: 4}\n", "duplicate labels ['a']"),
+    "empty": ("settings: []\n", "settings: needs a non-empty list"),
+    "r_zero": ("settings:\n  - {label: a, reduction: 0}\n", "settings[0].reduction"),
+    "r_too_big": ("settings:\n  - {label: a, reduction: 5000}\n", "settings[0].reduction"),
+    "squeeze": ("settings:\n  - {label: a, squeeze: median}\n", "settings[0].squeeze"),
+    "gate": ("settings:\n  - {label: a, gate: softmax}\n", "settings[0].gate"),
+    "position": ("settings:\n  - {label: a, position: inside}\n", "settings[0].position"),
+    "stage": ("settings:\n  - {label: a, stages: [1, 2]}\n", "settings[0].stages"),
+    "arch": ("settings:\n  - {label: a, backbone: {arch: resnet51}}\n", "settings[0].backbone.arch"),
+    "backbone_key": ("settings:\n  - {label: a, backbone: {depth: 3}}\n", "settings[0].backbone.depth"),
+    "se_flag": ("settings:\n  - {label: a, se: maybe}\n", "settings[0].se"),
+    "se_false_with_keys": ("settings:\n  - {label: a, se: false, reduction: 4}\n", "settings[0].reduction"),
+    "seeds": ("seeds: 0\nsettings:\n  - {label: a}\n", "seeds"),
+    "reference": ("reference: zzz\nsettings:\n  - {label: a}\n", "reference"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_sweep_file(case, tmp_path, capsys):
+    text, expected = CASES[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    code = main(["complexity", str(path), "--profile", "paper"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and err.startswith("error: ")
+    assert str(path) in err and expected in err, err
+
+
+def test_good_sweep_file(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(GOOD)
+    assert main(["complexity", str(path), "--profile", "quick", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("setting,params_m,gflops,paper_params_m,paper_gflops")
+    assert [line.split(",")[0] for line in lines[1:]] == ["a", "b"]
+    sweep = load_sweep(path)
+    assert sweep.name == "mine" and sweep.settings[1].se is None and sweep.settings[0].se.reduction == 8
+
+
+def test_bad_options(capsys):
+    assert main(["complexity", "ratio", "--set", "data.input_sise=3"]) == 2
+    assert "--set: data.input_sise: unknown key" in capsys.readouterr().err
+    assert main(["complexity", "no_such_sweep"]) == 2
+    assert "unknown sweep" in capsys.readouterr().err
+    assert main(["complexity", "ratio", "--profile", "no_such_profile"]) == 2
+    assert "unknown profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["complexity", "ratio", "--format", "xml"])
+    assert e.value.code == 2
+
+
+def test_profile_override_types():
+    p = load_profile("quick", ["train.epochs=3", "data.batch_size=32", "backbone.small_stem=false"])
+    assert (p.train.epochs, p.data.batch_size, p.backbone.small_stem) == (3, 32, False)
+
+
+def test_cli_prints_no_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(CASES["r_too_big"][0])
+    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert "reduction: must be in 1..C for a block with C=256 channels (got 5000)" in proc.stderr
