@@ -7,7 +7,9 @@ the parameters cell (papermill's convention), so an executed copy records the va
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from analysis._io import write_atomic
 
 NOTEBOOKS_DIR = Path(__file__).with_name("notebooks")
 INJECTED_TAG = "injected-parameters"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ def inject_parameters(nb: nbformat.NotebookNode, params: dict[str, str | None]) 
     """Insert (or replace) the injected cell after the `parameters` cell; values become literals."""
     cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
     at = next((i + 1 for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0)
-    lines = ["# Parameters this copy was executed with (injected by `ablate notebooks`)."]
+    lines = ["# Parameters this copy was executed with (injected by `ablate notebooks`).",
+             "from pathlib import Path"]
     for name, value in params.items():
         lines.append(f"{name} = {value!r}" if name != "RESULTS_DIR" else f"RESULTS_DIR = Path({value!r})")
     cell = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": [INJECTED_TAG]})
@@ -47,33 +51,62 @@ def inject_parameters(nb: nbformat.NotebookNode, params: dict[str, str | None]) 
     return nb
 
 
-def execute(path: Path, results_dir: str | Path, profile: str, storage: str | None,
-            out_dir: Path | None = None, timeout: int = 600) -> Executed:
-    """Execute one notebook; write the executed copy (also when a cell fails, for the traceback)."""
+def _client(path: Path, results_dir: Path, profile: str, storage: str | None, timeout: int):
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
-    results_dir = Path(results_dir).resolve()
-    out_dir = out_dir or notebooks_dir(results_dir, profile)
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, {"RESULTS_DIR": str(results_dir), "PROFILE": profile, "STORAGE": storage})
+    # --log-level=ERROR: the kernel's start-up chatter (e.g. its TCP transport notice) is not ours to show;
+    # real failures still arrive as cell errors.
+    return NotebookClient(nb, timeout=timeout, kernel_name="python3", extra_arguments=["--log-level=ERROR"],
+                          resources={"metadata": {"path": str(ROOT)}})
+
+
+def _env(results_dir: Path, profile: str, storage: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RESULTS_DIR=str(results_dir), PROFILE=profile, MPLBACKEND="module://matplotlib_inline.backend_inline")
+    env.update(RESULTS_DIR=str(results_dir), PROFILE=profile,
+               MPLBACKEND="module://matplotlib_inline.backend_inline")
     if storage:
         env["STORAGE"] = storage
+    else:
+        env.pop("STORAGE", None)
     # The kernel must import this checkout's `ablations`/`analysis` even when it is not pip-installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(ROOT)}})
-    error = None
-    try:
-        client.execute(env=env)
-    except CellExecutionError as e:
-        error = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    output = write_atomic(out_dir / path.name, nbformat.writes(nb))
-    return Executed(path, output, error)
+    return env
 
 
-def execute_all(results_dir: str | Path, profile: str, storage: str | None,
-                paths: list[Path] | None = None, timeout: int = 600) -> list[Executed]:
-    return [execute(p, results_dir, profile, storage, timeout=timeout) for p in (paths or notebooks())]
+async def _execute(path: Path, results_dir: Path, profile: str, storage: str | None, out_dir: Path,
+                   timeout: int, slots: asyncio.Semaphore) -> Executed:
+    from nbclient.exceptions import CellExecutionError
+
+    async with slots:
+        client = _client(path, results_dir, profile, storage, timeout)
+        error = None
+        try:
+            await client.async_execute(env=_env(results_dir, profile, storage))
+        except CellExecutionError as e:
+            text = _ANSI.sub("", str(e)).strip()  # tracebacks come coloured for a terminal
+            error = text.splitlines()[-1] if text else repr(e)
+        # Written also when a cell failed: the executed copy holds the traceback.
+        output = write_atomic(out_dir / path.name, nbformat.writes(client.nb))
+        return Executed(path, output, error)
+
+
+def execute_all(results_dir: str | Path, profile: str, storage: str | None, paths: list[Path] | None = None,
+                timeout: int = 600, jobs: int | None = None) -> list[Executed]:
+    """Execute notebooks (default: all), `jobs` kernels at a time; results in the order given.
+
+    Kernels spend most of their life starting up and importing, so a few run well side by side even on
+    two cores. Each notebook writes different files, so they cannot clash.
+    """
+    results_dir = Path(results_dir).resolve()
+    out_dir = notebooks_dir(results_dir, profile)
+    paths = paths or notebooks()
+    jobs = jobs or min(4, max(2, os.cpu_count() or 1))
+
+    async def run() -> list[Executed]:
+        slots = asyncio.Semaphore(jobs)
+        return await asyncio.gather(*(_execute(p, results_dir, profile, storage, out_dir, timeout, slots)
+                                      for p in paths))
+
+    return asyncio.run(run())

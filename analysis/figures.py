@@ -39,7 +39,13 @@ def _style():
 
 
 def save(fig: Figure, stem: str | Path) -> list[Path]:
-    """<stem>.png and <stem>.pdf, each written atomically."""
+    """<stem>.png and <stem>.pdf, each written atomically.
+
+    The constrained layout is solved once and then frozen: it is most of the drawing time, and both
+    formats share the same inch geometry, so the second file would only solve it again.
+    """
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
     out = []
     for ext in ("png", "pdf"):
         buf = io.BytesIO()

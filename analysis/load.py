@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,18 @@ def resolve_storage(results_dir: str | Path, storage: str | None) -> str | None:
     return storage
 
 
-def _studies(storage_url: str, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
-    import optuna
-
+def _optuna():
+    """optuna, imported quietly: in a notebook without ipywidgets, tqdm (which optuna imports) warns
+    about progress bars we never show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import optuna
     optuna.logging.set_verbosity(logging.WARNING)
+    return optuna
+
+
+def _studies(storage_url: str, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
+    optuna = _optuna()
     out = []
     for s in optuna.get_all_study_summaries(storage_url, include_best_trial=False):
         attrs = dict(s.user_attrs)
@@ -69,7 +78,7 @@ def load_studies(results_dir: str | Path, storage: str | None = None, *, sweep: 
 
 
 def _storage_rows(url: str, sweep: str | None, profile: str | None) -> list[dict[str, Any]]:
-    import optuna
+    optuna = _optuna()
 
     storage = optuna.storages.get_storage(url)
     rows = []

@@ -85,11 +85,13 @@ def caption(table: Table) -> str:
 def notes(table: Table) -> list[str]:
     """One line per setting with missing seeds, plus results the sweep file no longer names."""
     out = []
-    by_setting: dict[str, list[str]] = {}
+    grouped: dict[str, dict[str, list[int]]] = {}  # setting -> why -> seeds, in table order
     for m in table.missing:
-        by_setting.setdefault(m.setting, []).append(f"seed {m.seed} ({m.why})")
-    for setting, items in by_setting.items():
-        out.append(f"missing: {setting}: {', '.join(items)}")
+        grouped.setdefault(m.setting, {}).setdefault(m.why, []).append(m.seed)
+    for setting, reasons in grouped.items():
+        items = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ({why})"
+                 for why, seeds in reasons.items()]
+        out.append(f"missing: {setting}: {'; '.join(items)}")
     if table.unknown_settings:
         out.append(f"results for settings not in the sweep file (not shown): {', '.join(table.unknown_settings)}")
     if not table.has_results:
