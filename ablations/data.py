@@ -1,0 +1,430 @@
+"""Data sets for one trial: digits, synthetic, CIFAR-10/100 and ImageNet-style folders.
+
+Two shapes of data, one interface (`train_batches(epoch, seed)`, `val_batches(indices)`,
+`val_labels()`, `steps_per_epoch`, `images_per_epoch`), both yielding normalised float batches on
+the training device:
+
+- `InMemoryData` (digits, synthetic, CIFAR): the whole set lives on the training device as uint8 and
+  is augmented there, a batch at a time (zero-pad + random crop, horizontal flip), then normalised.
+  A GPU never waits on CPU workers, and a CPU run pays no DataLoader overhead.
+- `FolderData` (imagefolder): DataLoader workers decode and augment (random-resized crop + flip for
+  training, resize + centre crop for evaluation) and hand over uint8; normalisation happens on device.
+
+Everything random about an epoch (order and augmentation) is drawn from generators seeded by
+(seed, epoch[, rank]), never from a generator carried across epochs: an epoch looks the same whether
+the run was interrupted before it or not, which is what makes resumed runs bit-identical on CPU.
+Data order depends on (seed, epoch) only, so data-parallel ranks agree on it and take disjoint shards.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ablations.errors import SpecError
+from ablations.spec import DataSpec, RunConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+SPLIT_SEED = 0  # digits' train/val split: fixed, so every trial and seed sees the same validation set
+SYNTHETIC_SEED = 1234  # synthetic images: fixed, the data set is part of the profile, not of the trial
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# name -> (folder, train files, test files, label key, meta file, class-name key, classes)
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels", "batches.meta", "label_names", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names", 100),
+}
+
+
+def seed_for(*parts: int) -> int:
+    """A well-mixed 63-bit seed from small integers (seed, epoch, rank): neighbouring epochs or
+    seeds must not give correlated streams, which `seed + epoch` would."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-memory data sets on the training device
+
+
+def crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the zero-padded batch (same size out) and optional horizontal flip.
+
+    One gather for the whole batch instead of a Python loop over images: this runs every step.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        xp = F.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [n, h, 1]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [n, 1, w]
+        idx = torch.arange(n, device=dev)[:, None, None]
+        # Advanced indices around a slice put the indexed dims first: [n, h, w, C], i.e. the result
+        # is already channels_last once permuted back.
+        x = xp[idx, :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mirror = torch.rand(n, generator=gen, device=dev) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class InMemoryData:
+    """A labelled image set held on `device` as uint8 [N, C, H, W]; batches come out normalised."""
+
+    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                 val_y: torch.Tensor, num_classes: int, *, batch_size: int, eval_batch_size: int,
+                 crop_padding: int = 0, hflip: bool = False, device: str | torch.device = "cpu",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 rank: int = 0, world_size: int = 1):
+        if train_x.dtype != torch.uint8 or val_x.dtype != torch.uint8:
+            raise TypeError("in-memory images must be uint8")
+        self.device = torch.device(device)
+        self.train_x, self.val_x = train_x.to(self.device), val_x.to(self.device)
+        self.train_y = train_y.to(self.device, torch.long)
+        self.val_y = val_y.to(self.device, torch.long)
+        self.num_classes = num_classes
+        self.crop_padding, self.hflip = crop_padding, hflip
+        self.memory_format = memory_format
+        self.rank, self.world_size = rank, world_size
+        if batch_size % world_size:
+            raise SpecError(f"{batch_size} is not divisible by {world_size} processes", key="data.batch_size")
+        self.local_batch = batch_size // world_size
+        self.eval_batch = max(1, eval_batch_size // world_size)
+        self.steps_per_epoch = len(self.train_x) // batch_size
+        if self.steps_per_epoch == 0:
+            raise SpecError(f"{batch_size} is larger than the training set ({len(self.train_x)} images)",
+                            key="data.batch_size")
+        self.images_per_epoch = self.steps_per_epoch * self.local_batch  # per rank
+        c = self.train_x.shape[1]
+        if mean is None or std is None:  # the training set's own per-channel statistics
+            flat = self.train_x.transpose(0, 1).reshape(c, -1).double()
+            mean, std = flat.mean(1).tolist(), flat.std(1).clamp_min(1.0).tolist()
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.scale, self.shift = 1.0 / std_t, -mean_t / std_t
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mul_(self.scale).add_(self.shift)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        """This rank's batches of epoch `epoch` (0-based); a function of (seed, epoch, rank) only."""
+        order = torch.Generator(device=self.device)
+        order.manual_seed(seed_for(seed, epoch))
+        aug = torch.Generator(device=self.device)
+        aug.manual_seed(seed_for(seed, epoch, 1 + self.rank))
+        perm = torch.randperm(len(self.train_x), generator=order, device=self.device)
+        # Drop the tail that does not fill a global batch, then shard: rank r takes every
+        # world_size-th image, so ranks see disjoint data of equal size.
+        perm = perm[: self.steps_per_epoch * self.local_batch * self.world_size][self.rank::self.world_size]
+        for i in range(self.steps_per_epoch):
+            idx = perm[i * self.local_batch:(i + 1) * self.local_batch]
+            x = crop_flip(self.train_x[idx], self.crop_padding, self.hflip, aug)
+            yield self.normalise(x), self.train_y[idx]
+
+    def val_indices(self) -> torch.Tensor:
+        """This rank's share of the validation set (all of it on one process)."""
+        return torch.arange(len(self.val_x))[self.rank::self.world_size]
+
+    def val_batches(self, indices: torch.Tensor | None = None) -> Iterator[Batch]:
+        """Validation images in order (this rank's share, or exactly `indices`), unaugmented."""
+        idx_all = (self.val_indices() if indices is None else torch.as_tensor(indices)).to(self.device)
+        for i in range(0, len(idx_all), self.eval_batch):
+            idx = idx_all[i:i + self.eval_batch]
+            yield self.normalise(self.val_x[idx]), self.val_y[idx]
+
+    def val_labels(self) -> torch.Tensor:
+        return self.val_y.cpu()
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 [N, C, H, W] batch to size x size (bilinear; antialiased when shrinking)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = size < max(x.shape[-2:])
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = SPLIT_SEED
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices, each class split in the same proportion (sorted, reproducible)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def load_digits_uint8(spec: DataSpec, in_chans: int) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's 1,797 8x8 digits (values 0..16) as uint8 0..255, resized, split, replicated."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(np.rint(d.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    images = resize_uint8(images, spec.input_size).expand(-1, in_chans, -1, -1).contiguous()
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    tr, va = stratified_split(d.target, spec.val_fraction)
+    tr_t, va_t = torch.from_numpy(tr), torch.from_numpy(va)
+    return images[tr_t], labels[tr_t], images[va_t], labels[va_t]
+
+
+def make_synthetic(spec: DataSpec, num_classes: int, in_chans: int) -> tuple[torch.Tensor, ...]:
+    """Deterministic learnable images: one smooth random template per class plus per-image noise."""
+    g = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    s = spec.input_size
+    coarse = max(2, s // 4)
+    templates = F.interpolate(torch.rand(num_classes, in_chans, coarse, coarse, generator=g),
+                              size=(s, s), mode="bilinear", align_corners=False)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = 0.6 * templates[y] + 0.4 * torch.rand(n, in_chans, s, s, generator=g)
+        return (x * 255).round_().to(torch.uint8), y
+
+    train_x, train_y = split(spec.synthetic_size)
+    val_x, val_y = split(max(num_classes, spec.synthetic_size // 4))
+    return train_x, train_y, val_x, val_y
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise SpecError(f"missing {path.name} in {path.parent} (torchvision's CIFAR python format)",
+                        key="data.root")
+    try:
+        with path.open("rb") as f:
+            raw = pickle.load(f, encoding="latin1")
+    except Exception as e:  # any unpickling failure means the same thing to the user
+        raise SpecError(f"malformed CIFAR file {path}: {type(e).__name__}: {e}", key="data.root") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"malformed CIFAR file {path}: not a dict", key="data.root")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _cifar_files(base: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for name in files:
+        entry = _unpickle(base / name)
+        try:
+            x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(entry[label_key], dtype=np.int64)
+        except (KeyError, ValueError) as e:
+            raise SpecError(f"malformed CIFAR file {base / name}: {type(e).__name__}: {e}",
+                            key="data.root") from None
+        if len(x) != len(y):
+            raise SpecError(f"malformed CIFAR file {base / name}: {len(x)} images but {len(y)} labels",
+                            key="data.root")
+        xs.append(x)
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def load_cifar(name: str, root: Path, download: bool) -> tuple[tuple[torch.Tensor, ...], int]:
+    """CIFAR-10/100 from torchvision's python-pickle files (read directly: torchvision's own class
+    insists on the published checksums). Returns (train x, train y, val x, val y), class count."""
+    folder, train_files, test_files, label_key, meta, names_key, classes = CIFAR[name]
+    base = root / folder
+    if download and not base.is_dir():
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as e:  # no network, proxy, disk: one line either way
+            raise SpecError(f"could not download {name} into {root}: {e}", key="data.download") from None
+    if not base.is_dir():
+        raise SpecError(f"{root} has no {folder}/ ({name} in torchvision's python format; "
+                        "data.download=true fetches it where the network allows)", key="data.root")
+    names = _unpickle(base / meta).get(names_key)
+    if names is not None and len(names) != classes:
+        raise SpecError(f"malformed {base / meta}: {len(names)} class names, expected {classes}",
+                        key="data.root")
+    tx, ty = _cifar_files(base, train_files, label_key)
+    vx, vy = _cifar_files(base, test_files, label_key)
+    for y, what in ((ty, "training"), (vy, "test")):
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise SpecError(f"malformed {name}: {what} labels outside 0..{classes - 1}", key="data.root")
+    return (tx, ty, vx, vy), classes
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet-style folders
+
+
+class FolderData:
+    """`root/train/<class>/*` and `root/val/<class>/*` through DataLoader workers (uint8 out)."""
+
+    def __init__(self, root: Path, spec: DataSpec, *, device: str | torch.device = "cpu",
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 rank: int = 0, world_size: int = 1):
+        from torchvision import datasets
+        from torchvision import transforms as T
+
+        self.device = torch.device(device)
+        self.spec, self.memory_format = spec, memory_format
+        self.rank, self.world_size = rank, world_size
+        size = spec.input_size
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+        eval_tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+
+        def folder(split: str, tf: T.Compose) -> datasets.ImageFolder:
+            path = root / split
+            if not path.is_dir():
+                raise SpecError(f"{root} has no {split}/ folder (ImageNet layout: train/<class>/*.png, "
+                                f"val/<class>/*.png)", key="data.root")
+            try:
+                return datasets.ImageFolder(str(path), transform=tf, loader=_rgb_loader)
+            except (FileNotFoundError, OSError) as e:
+                raise SpecError(f"malformed image folder {path}: {e}", key="data.root") from None
+
+        self.train_set, self.val_set = folder("train", train_tf), folder("val", eval_tf)
+        if self.train_set.classes != self.val_set.classes:
+            raise SpecError(f"{root}/train and {root}/val have different class folders", key="data.root")
+        self.num_classes = len(self.train_set.classes)
+        if spec.batch_size % world_size:
+            raise SpecError(f"{spec.batch_size} is not divisible by {world_size} processes",
+                            key="data.batch_size")
+        self.local_batch = spec.batch_size // world_size
+        self.eval_batch = max(1, spec.eval_batch_size // world_size)
+        self.steps_per_epoch = len(self.train_set) // spec.batch_size
+        if self.steps_per_epoch == 0:
+            raise SpecError(f"{spec.batch_size} is larger than the training set ({len(self.train_set)} "
+                            "images)", key="data.batch_size")
+        self.images_per_epoch = self.steps_per_epoch * self.local_batch
+        c = 3
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, c, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, c, 1, 1)
+        self.scale, self.shift = 1.0 / std, -mean / std
+
+    def _loader(self, dataset, indices: list[int], batch: int, gen: torch.Generator | None,
+                drop_last: bool):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=batch, sampler=indices, num_workers=self.spec.workers,
+                          pin_memory=self.device.type == "cuda", drop_last=drop_last, generator=gen,
+                          persistent_workers=False)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True).float().mul_(self.scale).add_(self.shift)
+        return x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        order = torch.Generator().manual_seed(seed_for(seed, epoch))
+        perm = torch.randperm(len(self.train_set), generator=order)
+        perm = perm[: self.steps_per_epoch * self.spec.batch_size][self.rank::self.world_size]
+        # Workers seed their (global) RNG, which torchvision's transforms draw from, from this
+        # generator; without workers the transforms run here, so the global RNG is seeded instead.
+        aug_seed = seed_for(seed, epoch, 1 + self.rank)
+        aug = torch.Generator().manual_seed(aug_seed)
+        if self.spec.workers == 0:
+            torch.manual_seed(aug_seed)
+        for batch in self._loader(self.train_set, perm.tolist(), self.local_batch, aug, True):
+            yield self._to_device(batch)
+
+    def val_indices(self) -> torch.Tensor:
+        return torch.arange(len(self.val_set))[self.rank::self.world_size]
+
+    def val_batches(self, indices: torch.Tensor | None = None) -> Iterator[Batch]:
+        idx = self.val_indices() if indices is None else torch.as_tensor(indices)
+        for batch in self._loader(self.val_set, idx.tolist(), self.eval_batch, None, False):
+            yield self._to_device(batch)
+
+    def val_labels(self) -> torch.Tensor:
+        return torch.tensor(self.val_set.targets, dtype=torch.long)
+
+
+def _rgb_loader(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+Data = InMemoryData | FolderData
+
+
+def input_stride(cfg: RunConfig) -> int:
+    """The backbone's total downsampling factor, measured by a shape-only pass on the meta device."""
+    from ablations.patch import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.backbone, cfg.se).eval()
+        probe = 1024
+        out = model.forward_features(torch.empty(1, cfg.backbone.in_chans, probe, probe))
+    return math.ceil(probe / out.shape[-1])
+
+
+def check_input_size(cfg: RunConfig) -> None:
+    """Inputs smaller than the total stride leave the last stage less than one real pixel."""
+    stride = input_stride(cfg)
+    if cfg.data.input_size < stride:
+        raise SpecError(f"{cfg.data.input_size} is too small for this backbone (total stride {stride}; "
+                        f"need at least {stride})", key="data.input_size")
+
+
+def _check_classes(dataset: str, found: int, cfg: RunConfig) -> None:
+    if found != cfg.backbone.num_classes:
+        raise SpecError(f"{dataset} has {found} classes but backbone.num_classes is "
+                        f"{cfg.backbone.num_classes}", key="backbone.num_classes")
+
+
+def _check_rgb(dataset: str, cfg: RunConfig) -> None:
+    if cfg.backbone.in_chans != 3:
+        raise SpecError(f"{dataset} images have 3 channels, got in_chans={cfg.backbone.in_chans}",
+                        key="backbone.in_chans")
+
+
+def load_data(cfg: RunConfig, *, device: str | torch.device = "cpu", root: str | Path | None = None,
+              memory_format: torch.memory_format = torch.contiguous_format,
+              rank: int = 0, world_size: int = 1) -> Data:
+    """The trial's data set on `device`. `root` (--data-root) overrides `data.root`."""
+    spec = cfg.data
+    check_input_size(cfg)
+    root_str = root if root is not None else spec.root
+    in_memory = dict(batch_size=spec.batch_size, eval_batch_size=spec.eval_batch_size, device=device,
+                     crop_padding=spec.input_size // 8 if spec.crop_padding is None else spec.crop_padding,
+                     hflip=spec.hflip, memory_format=memory_format, rank=rank, world_size=world_size)
+    if spec.dataset == "digits":
+        _check_classes("digits", 10, cfg)
+        return InMemoryData(*load_digits_uint8(spec, cfg.backbone.in_chans), 10, **in_memory)
+    if spec.dataset == "synthetic":
+        n = cfg.backbone.num_classes
+        return InMemoryData(*make_synthetic(spec, n, cfg.backbone.in_chans), n, **in_memory)
+    if spec.dataset in CIFAR or spec.dataset == "imagefolder":
+        if root_str is None:
+            raise SpecError(f"{spec.dataset} needs a data root (--data-root or data.root)", key="data.root")
+        path = Path(root_str).expanduser()
+        if not path.is_dir():
+            raise SpecError(f"no such directory: {path}", key="data.root")
+        _check_rgb(spec.dataset, cfg)
+        if spec.dataset == "imagefolder":
+            data = FolderData(path, spec, device=device, memory_format=memory_format, rank=rank,
+                              world_size=world_size)
+            _check_classes(f"{path} (imagefolder)", data.num_classes, cfg)
+            return data
+        (tx, ty, vx, vy), classes = load_cifar(spec.dataset, path, spec.download)
+        _check_classes(spec.dataset, classes, cfg)
+        tx, vx = resize_uint8(tx, spec.input_size), resize_uint8(vx, spec.input_size)
+        return InMemoryData(tx, ty, vx, vy, classes, **in_memory)
+    raise SpecError(f"unknown dataset {spec.dataset!r} (known: digits, synthetic, cifar10, cifar100, "
+                    "imagefolder)", key="data.dataset")

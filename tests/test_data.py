@@ -1,0 +1,303 @@
+"""Data sets: digits split and scaling, synthetic determinism, on-device augmentation, CIFAR and
+ImageFolder read from tiny files in their real formats, and the one-line errors for bad data input."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ablations.data import (
+    FolderData,
+    InMemoryData,
+    crop_flip,
+    load_data,
+    seed_for,
+    stratified_split,
+)
+from ablations.errors import SpecError
+from ablations.spec import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+
+TINY = BackboneSpec(arch="resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True,
+                    num_classes=10)
+
+
+def cfg_for(backbone: BackboneSpec = TINY, **data) -> RunConfig:
+    return RunConfig(sweep="", profile="test", setting="SE", seed=0, se=SESpec(), backbone=backbone,
+                     data=DataSpec(**data), train=TrainSpec())
+
+
+# --------------------------------------------------------------------------------------------------
+# digits and synthetic
+
+
+def test_digits_split_is_stratified_fixed_and_scaled():
+    cfg = cfg_for(TINY.model_copy(update={"in_chans": 3}), dataset="digits", input_size=16,
+                  val_fraction=0.2, batch_size=64)
+    a, b = load_data(cfg), load_data(cfg)
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape[1:] == (3, 16, 16)
+    assert len(a.train_x) + len(a.val_x) == 1797
+    assert abs(len(a.val_x) - 0.2 * 1797) <= 10  # rounding per class
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.val_y, b.val_y)  # the split is fixed
+    # Stratified: each class's share of the validation set is its share of the whole set.
+    whole = torch.bincount(torch.cat([a.train_y, a.val_y]), minlength=10).double()
+    val = torch.bincount(a.val_y, minlength=10).double()
+    assert torch.allclose(val / whole, torch.full((10,), 0.2, dtype=torch.float64), atol=0.02)
+    assert int(a.train_x.max()) == 255  # 16 -> 255, not left at 0..16
+    assert torch.equal(a.train_x[:, 0], a.train_x[:, 2])  # the one channel, replicated
+
+
+def test_stratified_split_disjoint_and_complete():
+    labels = np.repeat(np.arange(3), [10, 20, 5])
+    tr, va = stratified_split(labels, 0.2)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(35))
+    assert np.bincount(labels[va]).tolist() == [2, 4, 1]
+
+
+def test_synthetic_is_deterministic_and_sized():
+    cfg = cfg_for(dataset="synthetic", input_size=16, synthetic_size=64, batch_size=16)
+    a, b = load_data(cfg), load_data(cfg)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y)
+    assert len(a.train_x) == 64 and len(a.val_x) == 16
+    assert set(a.train_y.tolist()) == set(range(10))
+
+
+# --------------------------------------------------------------------------------------------------
+# On-device batches
+
+
+def _tiny_set(n: int = 40, **kw) -> InMemoryData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % 4
+    return InMemoryData(x, y, x[:8], y[:8], 4, batch_size=8, eval_batch_size=5, **kw)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    d = _tiny_set(crop_padding=1, hflip=True)
+    first = [x for x, _ in d.train_batches(epoch=3, seed=7)]
+    again = [x for x, _ in _tiny_set(crop_padding=1, hflip=True).train_batches(epoch=3, seed=7)]
+    other = [x for x, _ in d.train_batches(epoch=4, seed=7)]
+    assert len(first) == 5 and all(torch.equal(p, q) for p, q in zip(first, again))
+    assert not all(torch.equal(p, q) for p, q in zip(first, other))
+    assert seed_for(1, 2) != seed_for(2, 1)
+
+
+def test_ranks_take_disjoint_equal_shards():
+    shards = []
+    for rank in range(2):
+        d = _tiny_set(rank=rank, world_size=2)
+        ys = torch.cat([y for _, y in d.train_batches(epoch=0, seed=1)])
+        xs = torch.cat([x for x, _ in d.train_batches(epoch=0, seed=1)])
+        assert len(ys) == d.images_per_epoch == 20
+        shards.append({tuple(v.flatten().tolist()) for v in xs})
+    assert not shards[0] & shards[1]
+    whole = _tiny_set()
+    everything = {tuple(v.flatten().tolist()) for v in whole.normalise(whole.train_x)}
+    assert shards[0] | shards[1] == everything
+
+
+def test_batches_are_normalised_floats():
+    d = _tiny_set()
+    x, y = next(d.train_batches(epoch=0, seed=0))
+    assert x.dtype == torch.float32 and x.shape == (8, 1, 6, 6) and y.dtype == torch.long
+    full = d.normalise(d.train_x)
+    assert abs(full.mean().item()) < 1e-3 and abs(full.std().item() - 1) < 1e-2
+
+
+def test_crop_flip_identity_and_valid_crops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    assert torch.equal(crop_flip(x, 0, False, g), x)
+    out = crop_flip(x, 1, False, g)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):  # every output image is one of the 9 crops of its own padded image
+        crops = [padded[i, :, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], c) for c in crops)
+    flipped = [crop_flip(x, 0, True, g) for _ in range(20)]
+    for f in flipped:
+        for i in range(2):
+            assert torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1))
+    assert any(torch.equal(f[0], x[0].flip(-1)) for f in flipped)
+    assert any(torch.equal(f[0], x[0]) for f in flipped)
+
+
+def test_val_batches_cover_validation_in_order():
+    d = _tiny_set()
+    ys = torch.cat([y for _, y in d.val_batches()])
+    assert torch.equal(ys, d.val_y)
+    picked = torch.cat([y for _, y in d.val_batches(torch.tensor([3, 1]))])
+    assert picked.tolist() == [d.val_y[3].item(), d.val_y[1].item()]
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR in torchvision's python-pickle format
+
+
+def write_cifar10(root: Path, per_batch: int = 4, test: int = 6, key_type=str) -> dict[str, np.ndarray]:
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    k = key_type if key_type is str else (lambda s: s.encode())
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        with (base / name).open("wb") as f:
+            pickle.dump({k("batch_label"): name, k("data"): data, k("labels"): labels,
+                         k("filenames"): [f"{name}_{i}.png" for i in range(n)]}, f)
+        written[name] = data
+        written[name + "_labels"] = np.array(labels)
+    with (base / "batches.meta").open("wb") as f:
+        pickle.dump({k("label_names"): [f"c{i}" for i in range(10)], k("num_cases_per_batch"): per_batch,
+                     k("num_vis"): 3072}, f)
+    return written
+
+
+@pytest.mark.parametrize("key_type", [str, bytes])
+def test_cifar10_reads_torchvision_files(tmp_path, key_type):
+    written = write_cifar10(tmp_path, key_type=key_type)
+    cfg = cfg_for(dataset="cifar10", input_size=32, batch_size=4)
+    d = load_data(cfg, root=str(tmp_path))
+    assert d.train_x.shape == (20, 3, 32, 32) and d.val_x.shape == (6, 3, 32, 32)
+    # Row-major 3072 = 3 planes of 32x32, the layout torchvision reshapes to (3, 32, 32).
+    assert np.array_equal(d.train_x[:4].numpy().reshape(4, 3072), written["data_batch_1"])
+    assert np.array_equal(d.val_y.numpy(), written["test_batch_labels"])
+    assert np.array_equal(d.train_y[4:8].numpy(), written["data_batch_2_labels"])
+
+
+def test_cifar10_resized_to_input_size(tmp_path):
+    write_cifar10(tmp_path)
+    d = load_data(cfg_for(dataset="cifar10", input_size=16, batch_size=4), root=str(tmp_path))
+    assert d.train_x.shape[-2:] == (16, 16) and d.train_x.dtype == torch.uint8
+
+
+def test_cifar100_format(tmp_path):
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 8), ("test", 4)):
+        with (base / name).open("wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": list(range(n)), "coarse_labels": [0] * n}, f)
+    with (base / "meta").open("wb") as f:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
+                     "coarse_label_names": [f"c{i}" for i in range(20)]}, f)
+    backbone = TINY.model_copy(update={"num_classes": 100})
+    d = load_data(cfg_for(backbone, dataset="cifar100", input_size=32, batch_size=4), root=str(tmp_path))
+    assert d.num_classes == 100 and d.train_y.tolist() == list(range(8))
+
+
+def test_cifar_errors_name_the_key(tmp_path):
+    cfg = cfg_for(dataset="cifar10", input_size=32, batch_size=4)
+    with pytest.raises(SpecError, match="data.root: .*needs a data root"):
+        load_data(cfg)
+    with pytest.raises(SpecError, match="data.root: no such directory"):
+        load_data(cfg, root=str(tmp_path / "nope"))
+    with pytest.raises(SpecError, match="data.root: .*has no cifar-10-batches-py"):
+        load_data(cfg, root=str(tmp_path))
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(SpecError, match="data.root: malformed CIFAR file .*data_batch_3"):
+        load_data(cfg, root=str(tmp_path))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(SpecError, match="data.root: missing data_batch_3"):
+        load_data(cfg, root=str(tmp_path))
+
+
+def test_cifar_class_count_must_match(tmp_path):
+    write_cifar10(tmp_path)
+    cfg = cfg_for(TINY.model_copy(update={"num_classes": 100}), dataset="cifar10", input_size=32,
+                  batch_size=4)
+    with pytest.raises(SpecError, match="backbone.num_classes: cifar10 has 10 classes"):
+        load_data(cfg, root=str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet-style folders
+
+
+def write_image_folder(root: Path, classes=("ant", "bee", "cat"), per_class=(4, 2), size=20) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{c}_{i}.png")
+
+
+def test_image_folder_batches(tmp_path):
+    write_image_folder(tmp_path)
+    backbone = TINY.model_copy(update={"num_classes": 3})
+    cfg = cfg_for(backbone, dataset="imagefolder", input_size=16, batch_size=4, eval_batch_size=4,
+                  workers=0)
+    d = load_data(cfg, root=str(tmp_path), memory_format=torch.channels_last)
+    assert isinstance(d, FolderData) and d.num_classes == 3 and d.steps_per_epoch == 3
+    batches = list(d.train_batches(epoch=0, seed=0))
+    assert len(batches) == 3
+    x, y = batches[0]
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    # Same (seed, epoch) -> same crops, including what the workers drew.
+    again = list(d.train_batches(epoch=0, seed=0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    val = list(d.val_batches())
+    assert sum(len(v[1]) for v in val) == 6 and d.val_labels().tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.cat([v[1] for v in val]).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_image_folder_with_workers(tmp_path):
+    write_image_folder(tmp_path, per_class=(2, 1))
+    backbone = TINY.model_copy(update={"num_classes": 3})
+    cfg = cfg_for(backbone, dataset="imagefolder", input_size=16, batch_size=2, workers=2)
+    d = load_data(cfg, root=str(tmp_path))
+    ys = torch.cat([y for _, y in d.train_batches(epoch=1, seed=3)])
+    assert sorted(ys.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_image_folder_errors(tmp_path):
+    backbone = TINY.model_copy(update={"num_classes": 3})
+    cfg = cfg_for(backbone, dataset="imagefolder", input_size=16, batch_size=2, workers=0)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SpecError, match="data.root: malformed image folder"):
+        load_data(cfg, root=str(tmp_path))  # train/ without class folders
+    write_image_folder(tmp_path / "ok")
+    (tmp_path / "novalid").mkdir()
+    (tmp_path / "novalid" / "train").symlink_to(tmp_path / "ok" / "train")
+    with pytest.raises(SpecError, match="data.root: .*has no val/"):
+        load_data(cfg, root=str(tmp_path / "novalid"))
+    wrong = cfg_for(TINY.model_copy(update={"num_classes": 5}), dataset="imagefolder", input_size=16,
+                    batch_size=2, workers=0)
+    with pytest.raises(SpecError, match="backbone.num_classes: .* has 3 classes"):
+        load_data(wrong, root=str(tmp_path / "ok"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Other bad input
+
+
+def test_input_too_small_for_backbone():
+    with pytest.raises(SpecError, match="data.input_size: 4 is too small .*total stride 8"):
+        load_data(cfg_for(dataset="digits", input_size=4))
+    imagenet_stem = TINY.model_copy(update={"small_stem": False})
+    with pytest.raises(SpecError, match="total stride 32"):
+        load_data(cfg_for(imagenet_stem, dataset="digits", input_size=16))
+    assert load_data(cfg_for(dataset="digits", input_size=8, batch_size=64)).train_x.shape[-1] == 8
+
+
+def test_unknown_dataset_and_oversized_batch():
+    bad = cfg_for(dataset="digits").model_copy(
+        update={"data": DataSpec.model_construct(**{**DataSpec().model_dump(), "dataset": "mnist"})})
+    with pytest.raises(SpecError, match="data.dataset: unknown dataset 'mnist'"):
+        load_data(bad)
+    with pytest.raises(SpecError, match="data.batch_size: 5000 is larger than the training set"):
+        load_data(cfg_for(dataset="digits", input_size=8, batch_size=5000))
