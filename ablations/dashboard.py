@@ -1,0 +1,91 @@
+"""`ablate dashboard`: optuna-dashboard on the sweep storage, bound to 127.0.0.1 by default.
+
+Each study carries a dashboard note (optuna_dashboard.save_note, shown on the study's page) saying what
+it reproduces: the sweep's description, the profile, and the paper's published numbers per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from typing import TYPE_CHECKING
+
+from ablations.errors import SpecError
+from ablations.paper import published_row
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ablations.studies import Plan
+
+OBJECTIVE = "top1_err (%)"
+NOTE_DIGEST = "ablations:note_sha1"  # study system attr: the digest of the note last saved
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def study_note(plan: Plan) -> str:
+    """Markdown: the sweep's description and the paper's row for each of its settings."""
+    sweep, profile = plan.sweep, plan.profile
+    head = f"Table {sweep.table}" if sweep.table is not None else f"Sweep {sweep.name}"
+    lines = [
+        f"## {head} ({sweep.name}), profile `{profile.name}`",
+        "",
+        sweep.description or "(no description in the sweep file)",
+        "",
+        f"**Grid**: {len(plan.labels)} settings × {plan.seeds} seeds. **Objective**: top-1 error (%) on the "
+        f"profile's validation split. **Profile**: {profile.description or profile.name}"
+        + (f" (with `--set {' '.join(plan.overrides)}`)" if plan.overrides else "") + ".",
+    ]
+    if sweep.reference:
+        lines.append(f"Differences are measured against `{sweep.reference}`.")
+    lines += ["", "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
+    if sweep.table is None:
+        lines.append("This sweep reproduces no table of the paper.")
+    else:
+        lines += ["| setting | top-1 err (%) | top-5 err (%) | GFLOPs | params (M) |",
+                  "|---|---:|---:|---:|---:|"]
+        for label in plan.labels:
+            p = published_row(sweep.table, label)
+            lines.append(f"| {label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
+                         f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |")
+    if profile.name != "paper":
+        lines += ["", f"The `{profile.name}` profile trains a smaller network on other data than ImageNet: "
+                      "compare how the settings rank and differ, not the absolute errors."]
+    return "\n".join(lines) + "\n"
+
+
+def save_study_note(storage: optuna.storages.BaseStorage, study: optuna.Study, plan: Plan) -> None:
+    """Attach (or update) the study's note and name its objective; a no-op when already current."""
+    body = study_note(plan)
+    digest = hashlib.sha1(body.encode()).hexdigest()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    # Importing optuna_dashboard costs seconds (it pulls in scikit-learn); only pay when the note changed.
+    if storage.get_study_system_attrs(study_id).get(NOTE_DIGEST) != digest:
+        from optuna_dashboard import save_note
+
+        save_note(study, body)
+        storage.set_study_system_attr(study_id, NOTE_DIGEST, digest)
+    if study.metric_names != [OBJECTIVE]:
+        study.set_metric_names([OBJECTIVE])
+
+
+def cli_dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    from ablations.studies import open_storage, storage_url
+
+    url = storage_url(args.results_dir, args.storage)
+    storage = open_storage(url)
+    print(f"optuna-dashboard on {url}: http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
+    try:
+        run_server(storage, host=args.host, port=args.port)
+    except OSError as e:
+        raise SpecError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}", source="--port") from None
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,414 @@
+"""Sweeps as Optuna studies: the storage, one study per (sweep, profile), its grid, its lock, its recovery.
+
+A grid point (setting, seed) is a trial whose params are set when it is queued (WAITING), so the
+dashboard, `ablate status` and the analysis see every point before it runs. Exactly-once rests on one
+rule: every state change that decides who trains a point (enqueue, pop, fail + requeue, tell) runs under
+`grid_lock`. SQLite ignores SELECT ... FOR UPDATE, so without the lock Optuna's WAITING -> RUNNING step
+can hand one trial to two processes (optuna/optuna#1014); on PostgreSQL the lock is an advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+import sqlite3
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.errors import SpecError
+from ablations.spec import Profile, RunConfig, Setting, Sweep, run_config
+
+HEARTBEAT_S = 10  # a worker records a heartbeat this often while it trains
+GRACE_S = 120  # silence after which any process may fail + requeue the trial (its worker is gone)
+MAX_RETRY = 3  # automatic requeues per grid point; running `ablate run` again re-enqueues beyond that
+BACKENDS = ("sqlite", "postgresql")
+# Params and attrs that identify a grid point; a requeued trial keeps these and drops the worker's own.
+IDENTITY_ATTRS = ("sweep", "profile", "run_dir")
+# pg_advisory_xact_lock takes a bigint; derive a fixed one so every process agrees on it.
+PG_LOCK_KEY = int.from_bytes(hashlib.sha1(b"ablations.grid_lock").digest()[:8], "big", signed=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage
+
+
+def storage_url(results_dir: str | Path, storage: str | None) -> str:
+    """The storage URL to use, validated (not opened): default sqlite:///<results-dir>/optuna.db."""
+    if storage is None:
+        return f"sqlite:///{Path(results_dir) / 'optuna.db'}"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        raise SpecError("not a storage URL (sqlite:///path.db or postgresql://user@host/db)",
+                        source="--storage", key=storage) from None
+    backend = url.get_backend_name()
+    if backend not in BACKENDS:
+        raise SpecError(f"unsupported backend {backend!r} (use {' or '.join(BACKENDS)})",
+                        source="--storage", key=storage)
+    if backend == "sqlite" and url.database in (None, "", ":memory:"):
+        raise SpecError("an in-memory SQLite database cannot be shared by workers; give a file path",
+                        source="--storage", key=storage)
+    if backend == "postgresql" and url.drivername == "postgresql":
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the `scale` extra installs psycopg2.
+        import importlib.util
+
+        for driver in ("psycopg", "psycopg2"):
+            if importlib.util.find_spec(driver) is not None:
+                return url.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    return storage
+
+
+def sqlite_path(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    return Path(u.database) if u.get_backend_name() == "sqlite" else None
+
+
+def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
+    """SQLite connections that wait for a busy database instead of failing at once, in WAL mode (readers
+    such as the dashboard never block a worker) with synchronous=NORMAL: a commit costs no fsync, which
+    is most of the scheduler's per-trial overhead. A commit survives the process being killed; only a
+    power cut can lose the last ones, and then recovery requeues and the run dir's final.json remains."""
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    return connect
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The RDB storage with heartbeats on; a stale trial is requeued by `requeue` (Optuna's retry
+    callback contract)."""
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpecError(f"cannot create {path.parent}: {e.strerror}", source="--storage", key=url) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial 3 finished" lines over the bars
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats: "experimental" since 2.9
+    kwargs: dict[str, Any] = {"creator": _sqlite_connector(path)} if path is not None else {"pool_pre_ping": True}
+    try:
+        with _lock(url):  # Optuna creating tables in a new database is not safe to do twice at once
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=requeue,
+            )
+    except ImportError as e:
+        raise SpecError(f"no database driver: {e}", source="--storage", key=url) from None
+    except Exception as e:  # noqa: BLE001 -- any connection failure is a bad --storage to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"cannot open storage: {first}", source="--storage", key=url) from None
+    return storage
+
+
+@contextlib.contextmanager
+def _lock(url: str, engine: Any = None) -> Iterator[None]:
+    """SQLite: an fcntl lock on `<db>.lock` (the kernel drops it if the holder dies). PostgreSQL: a
+    transaction-scoped advisory lock, released on commit or disconnect."""
+    path = sqlite_path(url)
+    if path is not None:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+        return
+    import sqlalchemy
+
+    own = engine is None
+    engine = engine or sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_LOCK_KEY})
+            yield
+    finally:
+        if own:
+            engine.dispose()
+
+
+def grid_lock(storage: optuna.storages.RDBStorage) -> contextlib.AbstractContextManager[None]:
+    """Storage-wide mutual exclusion for the state changes that assign grid points."""
+    return _lock(storage.url, storage.engine)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans: what one study runs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One (sweep, profile) study: its settings x seeds grid and how each point becomes a RunConfig."""
+
+    sweep: Sweep
+    profile: Profile
+    seeds: int
+    overrides: tuple[str, ...] = ()
+    data_root: str | None = None
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.sweep.name}-{self.profile.name}"
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.sweep.settings]
+
+    def grid(self) -> list[tuple[str, int]]:
+        # Seed-major: an interrupted sweep has whole seeds of every setting, a usable partial table.
+        return [(label, seed) for seed in range(self.seeds) for label in self.labels]
+
+    def setting(self, label: str) -> Setting:
+        for s in self.sweep.settings:
+            if s.label == label:
+                return s
+        raise SpecError(f"study has no setting {label!r}", source=self.study_name)
+
+    def config(self, label: str, seed: int) -> RunConfig:
+        return run_config(self.profile, self.setting(label), seed, self.sweep.name)
+
+    def run_dir(self, results_dir: str | Path, label: str, seed: int) -> Path:
+        return Path(results_dir) / self.profile.name / self.sweep.name / self.setting(label).slug / f"seed{seed}"
+
+    def distributions(self) -> dict[str, Any]:
+        return {"setting": CategoricalDistribution(self.labels), "seed": IntDistribution(0, self.seeds - 1)}
+
+    def attrs(self) -> dict[str, Any]:
+        """Study user attrs: what the analysis reads, plus the full spec so `ablate worker` on another
+        machine trains exactly what this machine would (its sweep files may differ or be absent)."""
+        return {
+            "sweep": self.sweep.name,
+            "profile": self.profile.name,
+            "table": self.sweep.table,
+            "description": self.sweep.description,
+            "reference": self.sweep.reference,
+            "settings": self.labels,
+            "seeds": self.seeds,
+            "overrides": list(self.overrides),
+            "data_root": self.data_root,
+            "sweep_path": self.sweep.path,
+            "sweep_spec": self.sweep.model_dump(mode="json", exclude={"path"}),
+            "profile_spec": self.profile.model_dump(mode="json", exclude={"path"}),
+        }
+
+
+def plan_from_attrs(name: str, attrs: dict[str, Any], data_root: str | None = None) -> Plan:
+    """Rebuild a study's Plan from its user attrs (`data_root` overrides the stored one)."""
+    if "sweep_spec" not in attrs or "profile_spec" not in attrs:
+        raise SpecError("this study was not created by `ablate run` (no sweep spec in its attrs)",
+                        source="--study", key=name)
+    return Plan(
+        sweep=Sweep.model_validate(attrs["sweep_spec"]),
+        profile=Profile.model_validate(attrs["profile_spec"]),
+        seeds=int(attrs["seeds"]),
+        overrides=tuple(attrs.get("overrides") or ()),
+        data_root=data_root or attrs.get("data_root"),
+    )
+
+
+def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a spec that change results (labels, SE, backbone, data, recipe), not the prose."""
+    return {"settings": sweep_spec["settings"],
+            **{k: profile_spec[k] for k in ("backbone", "data", "train")}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Studies and the grid
+
+
+def open_study(storage: optuna.storages.RDBStorage, plan: Plan) -> optuna.Study:
+    """Create the plan's study (attrs, dashboard note) or load it, refusing one that trains differently."""
+    from ablations.dashboard import save_study_note
+
+    with grid_lock(storage):  # two `ablate run`s starting together must not both create it
+        try:
+            study = optuna.load_study(study_name=plan.study_name, storage=storage)
+        except KeyError:
+            study = optuna.create_study(study_name=plan.study_name, storage=storage, direction="minimize")
+            for key, value in plan.attrs().items():
+                study.set_user_attr(key, value)
+            save_study_note(storage, study, plan)
+            return study
+    old = study.user_attrs
+    new = plan.attrs()
+    if "sweep_spec" in old and _what_trains(old["sweep_spec"], old["profile_spec"]) != _what_trains(
+            new["sweep_spec"], new["profile_spec"]):
+        raise SpecError(
+            f"study {plan.study_name} in {storage.url} was created from different settings or profile "
+            f"(--set {' '.join(old.get('overrides') or []) or '(none)'}); rerun with the same sweep and "
+            "options, or use another --results-dir / --storage",
+            source=plan.sweep.path or plan.sweep.name)
+    # Prose and the seed count may grow between runs; the grid of earlier runs stays in the study.
+    new["seeds"] = max(int(old.get("seeds", 0)), plan.seeds)
+    if old.get("data_root") and not plan.data_root:
+        new["data_root"] = old["data_root"]
+    for key, value in new.items():
+        if old.get(key) != value:
+            study.set_user_attr(key, value)
+    save_study_note(storage, study, plan)
+    return study
+
+
+def grid_point(trial: FrozenTrial) -> tuple[str, int] | None:
+    if "setting" not in trial.params or "seed" not in trial.params:
+        return None
+    return str(trial.params["setting"]), int(trial.params["seed"])
+
+
+# A point's state is the most advanced of its trials' states.
+_RANK = {TrialState.COMPLETE: 4, TrialState.RUNNING: 3, TrialState.WAITING: 2, TrialState.FAIL: 1}
+STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "MISSING")
+
+
+def point_states(trials: Iterable[FrozenTrial], grid: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """{(setting, seed): COMPLETE | RUNNING | WAITING | FAIL | MISSING} for every point of `grid`."""
+    best: dict[tuple[str, int], TrialState] = {}
+    for t in trials:
+        p = grid_point(t)
+        if p is not None and t.state in _RANK and (p not in best or _RANK[t.state] > _RANK[best[p]]):
+            best[p] = t.state
+    return {p: (best[p].name if p in best else "MISSING") for p in grid}
+
+
+def enqueue_missing(study: optuna.Study, plan: Plan) -> int:
+    """Queue every grid point that has no COMPLETE, RUNNING or WAITING trial (failed ones get another
+    go). Call under `grid_lock`. Returns how many were queued."""
+    states = point_states(study.get_trials(deepcopy=False), plan.grid())
+    todo = [p for p, s in states.items() if s in ("FAIL", "MISSING")]
+    dists = plan.distributions()
+    study.add_trials([
+        optuna.trial.create_trial(
+            state=TrialState.WAITING, params={"setting": label, "seed": seed}, distributions=dists,
+            user_attrs={"sweep": plan.sweep.name, "profile": plan.profile.name},
+        )
+        for label, seed in todo
+    ])
+    return len(todo)
+
+
+def trial_id(storage: optuna.storages.RDBStorage, study: optuna.Study, number: int) -> int:
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+def pop_waiting(storage: optuna.storages.RDBStorage, study: optuna.Study) -> FrozenTrial | None:
+    """Claim the oldest WAITING grid trial (WAITING -> RUNNING). Call under `grid_lock`.
+
+    Not `study.ask()`: with an empty queue it creates a fresh param-less trial, which for a grid is a
+    phantom RUNNING trial; this is the same atomic state transition without that fallback.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if grid_point(t) is None:
+            continue  # someone else's enqueue_trial; not a grid point
+        tid = trial_id(storage, study, t.number)
+        try:
+            if storage.set_trial_state_values(tid, TrialState.RUNNING):
+                return storage.get_trial(tid)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recovery: trials whose worker is gone
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a failed trial's grid point again, as Optuna's RetryHeartbeatStaleTrialCallback does (same
+    system attrs: failed_trial, retry_history), minus the dead worker's attrs. The retry trains into the
+    same run dir, so it resumes from the checkpoint there."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        return False
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k in IDENTITY_ATTRS},
+        system_attrs={"failed_trial": history[0], "retry_history": history},
+    ))
+    return True
+
+
+def fail(storage: optuna.storages.RDBStorage, tid: int, reason: str) -> bool:
+    """Mark a trial FAILED with `fail_reason`; False if someone else finished it first."""
+    try:
+        storage.set_trial_user_attr(tid, "fail_reason", reason[:1000])
+        return storage.set_trial_state_values(tid, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), which tells a live worker from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # killed, not yet reaped
+    except OSError:
+        pass
+    return start is None or process_start(pid) in (None, start)
+
+
+def worker_identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": process_start(pid),
+            "worker": f"{socket.gethostname()}:{pid}"}
+
+
+def recover(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[int]:
+    """Fail and requeue RUNNING trials whose worker is gone. Call under `grid_lock`. Returns their numbers.
+
+    - this host, dead pid: at once (a killed `ablate run` resumes without waiting for a grace period);
+    - any host, heartbeat older than GRACE_S: Optuna's fail_stale_trials, whose callback is `requeue`;
+    - no worker attrs at all, older than GRACE_S: died between claiming the trial and its first heartbeat.
+    """
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    host = socket.gethostname()
+    now = datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        a = t.user_attrs
+        if a.get("host") == host and isinstance(a.get("pid"), int):
+            if process_alive(a["pid"], a.get("pid_start")):
+                continue
+            reason = f"worker {a.get('worker')} died"
+        elif "worker" not in a and t.datetime_start and now - t.datetime_start > timedelta(seconds=GRACE_S):
+            reason = "claimed by a worker that died before its first heartbeat"
+        else:
+            continue
+        if fail(storage, trial_id(storage, study, t.number), reason):
+            requeue(study, storage.get_trial(trial_id(storage, study, t.number)))
+    optuna.storages.fail_stale_trials(study)
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return sorted(before & failed)

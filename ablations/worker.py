@@ -1,0 +1,212 @@
+"""A worker: claims grid trials from its studies and trains them in this process, one after another.
+
+Long-lived on purpose: the interpreter, torch, timm and the data load once per worker, not once per
+trial. A worker reports what it does as small dict events through `emit` (a queue to the `ablate run`
+process that draws the progress bars, or the bars themselves when it runs in-process).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations import studies
+from ablations.studies import Plan, grid_lock
+
+POLL_S = 1.0  # idle workers look for requeued trials this often while others still run
+TRAINER = "ablations.train:train"
+Emit = Callable[[dict[str, Any]], None]
+
+
+def load_trainer(path: str = TRAINER) -> tuple[Callable[..., dict], type[BaseException] | tuple[()]]:
+    """`module:function` -> (train function, the module's TrialFailed: an expected, reasoned failure)."""
+    module, _, name = path.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, name), getattr(mod, "TrialFailed", ())
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every HEARTBEAT_S from a thread, so an epoch longer than the grace
+    period (ImageNet) never looks like a dead worker. Optuna's own heartbeat thread only runs inside
+    study.optimize, which a grid of fixed trials does not use."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, tid: int):
+        self.storage, self.tid = storage, tid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tid}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(studies.HEARTBEAT_S):
+            try:
+                self.storage.record_heartbeat(self.tid)
+            except Exception:  # noqa: BLE001 -- a locked database for a moment is no reason to stop training
+                pass
+
+    def __enter__(self) -> Heartbeat:
+        self.storage.record_heartbeat(self.tid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _scalar_attrs(final: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in final.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Plan, trial: FrozenTrial, *,
+              results_dir: Path, device: str | None, data_root: str | None, emit: Emit,
+              trainer: str, worker: int) -> str:
+    """Train one claimed (RUNNING) trial into its run dir and finish it. Returns COMPLETE or FAIL."""
+    train, expected_failure = load_trainer(trainer)
+    label, seed = studies.grid_point(trial)
+    tid = studies.trial_id(storage, study, trial.number)
+    cfg = plan.config(label, seed)
+    run_dir = plan.run_dir(results_dir, label, seed).resolve()
+    base = {"worker": worker, "study": study.study_name, "number": trial.number, "setting": label, "seed": seed}
+    started = time.monotonic()
+    first_epoch: list[int] = []
+
+    def on_epoch(metrics: dict[str, Any]) -> None:
+        epoch = int(metrics.get("epoch", len(first_epoch) + 1))
+        if not first_epoch:
+            first_epoch.append(epoch)
+            if epoch > 1:  # the trainer picked up a checkpoint: evidence that a retry resumed
+                storage.set_trial_user_attr(tid, "resumed_epochs", epoch - 1)
+        err = metrics.get("val_top1_err", metrics.get("top1_err"))
+        if isinstance(err, (int, float)) and math.isfinite(err):
+            storage.set_trial_intermediate_value(tid, epoch, float(err))  # the dashboard's learning curves
+        emit({**base, "kind": "epoch", "epoch": epoch, "metrics": _scalar_attrs(metrics)})
+
+    def finish(state: str, value: float | None = None, reason: str | None = None) -> str:
+        with grid_lock(storage):
+            if state == "COMPLETE":
+                try:
+                    storage.set_trial_state_values(tid, TrialState.COMPLETE, [value])
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    state = "LOST"  # declared dead meanwhile; its retry finds final.json and finishes at once
+            elif not studies.fail(storage, tid, reason or "unknown"):
+                state = "LOST"
+        emit({**base, "kind": "end", "state": state, "value": value, "reason": reason,
+              "seconds": time.monotonic() - started})
+        return state
+
+    with grid_lock(storage):  # attrs before the first heartbeat: `recover` keys on them
+        for key, value in {**studies.worker_identity(), "device": device or "auto", "run_dir": str(run_dir),
+                           "sweep": plan.sweep.name, "profile": plan.profile.name}.items():
+            storage.set_trial_user_attr(tid, key, value)
+    emit({**base, "kind": "start", "epochs": cfg.train.epochs, "run_dir": str(run_dir)})
+    with Heartbeat(storage, tid):
+        try:
+            final = train(cfg, run_dir, device=device, data_root=data_root, progress=False, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            with grid_lock(storage):  # hand the point back at once; the next worker resumes the checkpoint
+                if studies.fail(storage, tid, "interrupted"):
+                    studies.requeue(study, storage.get_trial(tid))
+            emit({**base, "kind": "end", "state": "INTERRUPTED", "value": None, "reason": "interrupted",
+                  "seconds": time.monotonic() - started})
+            raise
+        except expected_failure as e:
+            return finish("FAIL", reason=str(e))
+        except Exception as e:  # noqa: BLE001 -- one broken trial must not stop the sweep
+            emit({**base, "kind": "log", "text": traceback.format_exc()})
+            return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
+    for key, value in _scalar_attrs(final).items():
+        storage.set_trial_user_attr(tid, key, value)
+    value = final.get("top1_err")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return finish("FAIL", reason=f"final top1_err is {value!r}")
+    return finish("COMPLETE", value=float(value))
+
+
+def _has_work(loaded: list[tuple[optuna.Study, Plan]]) -> bool:
+    """Whether any grid point is still queued or running (so a requeue may yet come our way)."""
+    for study, _ in loaded:
+        live = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        if any(studies.grid_point(t) is not None for t in live):
+            return True
+    return False
+
+
+def work(url: str, study_names: list[str], *, results_dir: str | Path, device: str | None,
+         data_root: str | None, emit: Emit, trainer: str = TRAINER, worker: int = 0) -> None:
+    """Train queued trials of `study_names` (in that order) until none is queued or running anywhere.
+
+    Waiting for trials other processes run is deliberate: if one of them dies, its trial is requeued
+    (dead pid on this host at once, heartbeat grace period elsewhere) and one of us resumes it.
+    """
+    storage = studies.open_storage(url)
+    loaded = []
+    for name in study_names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        loaded.append((study, studies.plan_from_attrs(name, study.user_attrs, data_root)))
+    results_dir = Path(results_dir)
+    while True:
+        claimed = None
+        for study, plan in loaded:
+            with grid_lock(storage):
+                studies.recover(storage, study)
+                trial = studies.pop_waiting(storage, study)
+            if trial is not None:
+                claimed = (study, plan, trial)
+                break
+        if claimed is not None:
+            study, plan, trial = claimed
+            run_trial(storage, study, plan, trial, results_dir=results_dir, device=device,
+                      data_root=plan.data_root, emit=emit, trainer=trainer, worker=worker)
+        elif _has_work(loaded):
+            time.sleep(POLL_S)
+        else:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker processes of `ablate run --workers N`
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker whose `ablate run` is killed (even with -9) is killed too, instead of training on as an
+    orphan; its trial stays RUNNING with a dead pid, which the next run on this host requeues at once."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def process_main(url: str, study_names: list[str], results_dir: str, device: str | None,
+                 data_root: str | None, queue: Any, worker: int, trainer: str, parent_pid: int,
+                 threads: int | None) -> None:
+    """Entry point of one spawned worker process."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    if threads is not None:  # N CPU workers share the cores; a profile's train.threads still wins
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        work(url, study_names, results_dir=results_dir, device=device, data_root=data_root,
+             emit=queue.put, trainer=trainer, worker=worker)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        queue.put({"kind": "exit", "worker": worker})

@@ -1,0 +1,511 @@
+"""The sweep scheduler: studies, exactly-once grid, recovery of dead workers, workers, CLI errors.
+
+Fast tests train with `fake_train` below (same contract as ablations.train.train: resumes from a
+checkpoint in its run dir, returns final.json's contents, raises TrialFailed for a NaN loss) so they
+exercise the scheduler, not the network. The `slow` tests at the end run the real trainer end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from ablations import cli, scheduler, studies, worker
+from ablations.errors import SpecError
+from ablations.studies import grid_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = "test_scheduler:fake_train"  # importable in spawned workers too: they inherit sys.path
+SETTINGS = [{"label": "r=16", "reduction": 16}, {"label": "r=8", "reduction": 8},
+            {"label": "original", "se": False}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A trainer with the real one's contract, minus the network
+
+
+class TrialFailed(Exception):
+    pass
+
+
+def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_epoch=None):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "final.json").exists():
+        return json.loads((out / "final.json").read_text())
+    ckpt = out / "checkpoint.json"
+    start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
+    with open(out / "calls.log", "a") as f:  # one line per time this run was (re)started
+        f.write(f"{os.getpid()} {start} {data_root} {cfg.train.epochs}\n")
+    for epoch in range(start + 1, cfg.train.epochs + 1):
+        time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
+        if cfg.setting == os.environ.get("FAKE_NAN_SETTING"):
+            raise TrialFailed(f"loss became nan at epoch {epoch}")
+        ckpt.write_text(json.dumps({"epoch": epoch}))
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1_err": 50.0 / epoch})
+    final = {"top1_err": 10.0 + cfg.seed + len(cfg.setting) / 10, "top5_err": 1.5, "val_loss": 0.5,
+             "params_m": 0.4, "gflops": 0.01, "params": 400000, "macs": 10_000_000, "train_seconds": 0.1,
+             "images_per_s": 100.0, "epochs": cfg.train.epochs, "device": device or "cpu",
+             "versions": {"torch": "x"}, "git_commit": "abc", "sweep": cfg.sweep, "profile": cfg.profile,
+             "setting": cfg.setting, "seed": cfg.seed}
+    (out / "final.json").write_text(json.dumps(final))
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def write_sweep(tmp_path: Path, name: str = "mini", settings=None, **extra) -> Path:
+    data = {"description": "a tiny test sweep", "table": 10, "reference": "original", "seeds": 2,
+            "settings": SETTINGS if settings is None else settings, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_plans(sweep: Path, *overrides: str, seeds: int | None = None, data_root: str | None = None):
+    args = argparse.Namespace(sweeps=[str(sweep)], profile="quick", set=["train.epochs=3", *overrides],
+                              seeds=seeds, data_root=data_root)
+    return scheduler.plans_from_args(args)
+
+
+def url_of(results: Path) -> str:
+    return studies.storage_url(results, None)
+
+
+def load(results: Path, name: str = "mini-quick") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url_of(results))
+
+
+def completes_per_point(study: optuna.Study) -> dict[tuple[str, int], int]:
+    out: dict[tuple[str, int], int] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        p = studies.grid_point(t)
+        out[p] = out.get(p, 0) + 1
+    return out
+
+
+def calls(run_dir: Path) -> list[list[str]]:
+    log = run_dir / "calls.log"
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def run_fake(tmp_path: Path, results: Path, workers: int = 1, **plan_kw) -> int:
+    plans = make_plans(write_sweep(tmp_path), **plan_kw)
+    return scheduler.run(plans, url_of(results), results, ["cpu"], workers, trainer=FAKE, bars=False)
+
+
+def claim(results: Path, host: str, pid: int, name: str = "mini-quick"):
+    """Queue the grid and claim one trial as a worker `host:pid` would; returns (storage, study, trial)."""
+    storage = studies.open_storage(url_of(results))
+    study = optuna.load_study(study_name=name, storage=storage)
+    with grid_lock(storage):
+        trial = studies.pop_waiting(storage, study)
+    tid = studies.trial_id(storage, study, trial.number)
+    for k, v in {"host": host, "pid": pid, "worker": f"{host}:{pid}", "pid_start": None}.items():
+        storage.set_trial_user_attr(tid, k, v)
+    return storage, study, trial
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    return tmp_path / "results"
+
+
+@pytest.fixture(autouse=True)
+def _no_fake_env(monkeypatch):
+    monkeypatch.delenv("FAKE_NAN_SETTING", raising=False)
+    monkeypatch.delenv("FAKE_EPOCH_S", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: one line, exit 2, no study
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+BAD_SWEEPS = {
+    "malformed": ("settings: [ {label: a\n", "malformed YAML"),
+    "unknown_key": (yaml.safe_dump({"settings": SETTINGS, "colour": "red"}), "colour: unknown key"),
+    "unknown_axis_value": (yaml.safe_dump({"settings": [{"label": "x", "gate": "softmax"}]}), "gate"),
+    "duplicate_labels": (yaml.safe_dump({"settings": [{"label": "a"}, {"label": "a"}]}), "duplicate labels"),
+    "empty_settings": (yaml.safe_dump({"settings": []}), "settings"),
+    "zero_seeds": (yaml.safe_dump({"settings": SETTINGS, "seeds": 0}), "seeds"),
+    "does_not_fit": (yaml.safe_dump({"settings": [{"label": "r=512", "reduction": 512}]}), "settings[0]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_bad_sweep_file_is_one_line_exit_2_and_no_study(case, tmp_path, results, capsys):
+    text, expected = BAD_SWEEPS[case]
+    sweep = tmp_path / f"{case}.yaml"
+    sweep.write_text(text)
+    rc, err = _cli(capsys, "run", str(sweep), "--results-dir", str(results))
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert str(sweep) in err and expected in err
+    assert not (results / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--seeds", "0"], "--seeds"),
+    (["--devices", "cuda:7"], "--devices: cuda:7"),
+    (["--devices", "tpu"], "--devices: tpu"),
+    (["--storage", "mysql://u@localhost/x"], "unsupported backend"),
+    (["--storage", "not a url"], "--storage"),
+    (["--storage", "sqlite:///:memory:"], "in-memory"),
+    (["--workers", "0"], "--workers"),
+    (["--set", "train.nope=1"], "train.nope"),
+    (["--profile", "nosuchprofile"], "nosuchprofile"),
+])
+def test_bad_options_are_one_line_exit_2_and_no_study(options, expected, tmp_path, results, capsys):
+    rc, err = _cli(capsys, "run", str(write_sweep(tmp_path)), "--results-dir", str(results), *options)
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
+    assert not (results / "optuna.db").exists()
+
+
+def test_unknown_sweep_name_is_exit_2(results, capsys):
+    rc, err = _cli(capsys, "run", "nosuchsweep", "--results-dir", str(results))
+    assert rc == 2 and "nosuchsweep" in err and "unknown sweep" in err
+
+
+def test_storage_url_default_and_postgres_accepted(tmp_path):
+    assert studies.storage_url(tmp_path, None) == f"sqlite:///{tmp_path}/optuna.db"
+    assert studies.storage_url(tmp_path, "postgresql://u:pw@db:5432/x").startswith("postgresql+psycopg")
+    assert studies.storage_url(tmp_path, "postgresql://u:pw@db:5432/x").endswith("://u:pw@db:5432/x")
+
+
+def test_unreachable_storage_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="cannot open storage"):
+        studies.open_storage(studies.storage_url(".", "postgresql://nobody@127.0.0.1:1/none"))
+
+
+def test_devices_default_to_cpu_without_gpus():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    assert scheduler.resolve_devices(None) == ["cpu"]
+    assert scheduler.resolve_devices("cpu,cpu") == ["cpu", "cpu"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Studies and the grid
+
+
+def test_study_contract_and_grid_enqueued_once(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path), data_root="/data/x")
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    assert study.study_name == "mini-quick" and study.direction == optuna.study.StudyDirection.MINIMIZE
+    a = study.user_attrs
+    assert (a["sweep"], a["profile"], a["table"], a["seeds"]) == ("mini", "quick", 10, 2)
+    assert a["settings"] == ["r=16", "r=8", "original"] and a["description"] == "a tiny test sweep"
+    assert a["overrides"] == ["train.epochs=3"] and a["data_root"] == "/data/x"
+    with grid_lock(storage):
+        assert studies.enqueue_missing(study, plan) == 6
+        assert studies.enqueue_missing(study, plan) == 0  # a second run queues nothing
+    trials = study.get_trials()
+    assert all(t.state == TrialState.WAITING for t in trials)
+    assert sorted(studies.grid_point(t) for t in trials) == sorted(plan.grid())
+    assert isinstance(trials[0].distributions["setting"], optuna.distributions.CategoricalDistribution)
+
+
+def test_remote_worker_rebuilds_identical_configs_from_study_attrs(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path), "data.batch_size=32")
+    study = studies.open_study(studies.open_storage(url_of(results)), plan)
+    rebuilt = studies.plan_from_attrs(study.study_name, load(results).user_attrs)
+    for label, seed in plan.grid():
+        assert rebuilt.config(label, seed) == plan.config(label, seed)
+    assert rebuilt.config("r=8", 1).data.batch_size == 32
+
+
+def test_study_with_a_different_recipe_is_refused(tmp_path, results):
+    storage = studies.open_storage(url_of(results))
+    (plan,) = make_plans(write_sweep(tmp_path))
+    studies.open_study(storage, plan)
+    (other,) = make_plans(write_sweep(tmp_path), "train.lr=0.5")
+    with pytest.raises(SpecError, match="different settings or profile"):
+        studies.open_study(storage, other)
+
+
+def test_pop_never_hands_out_a_trial_twice(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path))
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    with grid_lock(storage):
+        studies.enqueue_missing(study, plan)
+    popped = []
+    while (t := studies.pop_waiting(storage, study)) is not None:
+        popped.append(studies.grid_point(t))
+    assert sorted(popped) == sorted(plan.grid())
+    assert len(study.get_trials()) == 6  # and no phantom trial was created when the queue ran dry
+
+
+def test_process_alive_tells_dead_and_reused_pids():
+    me = os.getpid()
+    assert studies.process_alive(me, studies.process_start(me))
+    assert not studies.process_alive(dead_pid(), None)
+    assert not studies.process_alive(me, "12345")  # same pid, another process start time: reused
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running sweeps (fake trainer)
+
+
+def test_run_trains_every_point_once_and_records_results(tmp_path, results, capsys):
+    assert run_fake(tmp_path, results) == 0
+    study = load(results)
+    assert completes_per_point(study) == {p: 1 for p in make_plans(write_sweep(tmp_path))[0].grid()}
+    t = next(t for t in study.trials if t.params == {"setting": "r=8", "seed": 1})
+    assert t.value == pytest.approx(10.0 + 1 + 0.3)
+    run_dir = results / "quick" / "mini" / "r=8" / "seed1"
+    assert t.user_attrs["run_dir"] == str(run_dir.resolve())
+    for key in ("top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
+                "images_per_s", "epochs", "device", "git_commit", "sweep", "profile", "setting", "seed"):
+        assert key in t.user_attrs, key
+    assert t.intermediate_values == {1: 50.0, 2: 25.0, 3: pytest.approx(50 / 3)}
+    assert len(calls(run_dir)) == 1
+    out = capsys.readouterr().out
+    assert "r=8" in out and "original" in out  # the sweep's table was printed
+    assert (results / "quick" / "mini" / "table.md").is_file()
+    assert (results / "quick" / "mini" / "table.csv").is_file()
+
+
+def test_rerun_trains_nothing_complete_and_more_seeds_extend_the_grid(tmp_path, results):
+    assert run_fake(tmp_path, results) == 0
+    assert run_fake(tmp_path, results) == 0
+    study = load(results)
+    assert len(study.trials) == 6
+    assert all(len(calls(d)) == 1 for d in (results / "quick" / "mini").glob("*/seed*"))
+    assert run_fake(tmp_path, results, seeds=3) == 0
+    study = load(results)
+    assert len(study.trials) == 9 and set(completes_per_point(study).values()) == {1}
+    assert study.user_attrs["seeds"] == 3
+
+
+def test_nan_trial_fails_with_reason_rest_completes_exit_1(tmp_path, results, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_NAN_SETTING", "r=8")
+    assert run_fake(tmp_path, results) == 1
+    study = load(results)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert sorted(t.params["seed"] for t in failed) == [0, 1]
+    assert all(t.params["setting"] == "r=8" and "nan" in t.user_attrs["fail_reason"] for t in failed)
+    assert len(completes_per_point(study)) == 4
+    assert "r=8 seed0: FAIL: loss became nan" in capsys.readouterr().err
+
+
+def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path))
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    with grid_lock(storage):
+        studies.enqueue_missing(study, plan)
+    _, _, trial = claim(results, socket.gethostname(), dead_pid())
+    label, seed = studies.grid_point(trial)
+    run_dir = plan.run_dir(results, label, seed)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.json").write_text(json.dumps({"epoch": 2}))  # it died after epoch 2
+    started = time.monotonic()
+    assert run_fake(tmp_path, results) == 0
+    assert time.monotonic() - started < studies.GRACE_S  # no waiting for the heartbeat grace period
+    study = load(results)
+    dead = study.trials[trial.number]
+    assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == trial.params
+    assert retry.user_attrs["resumed_epochs"] == 2
+    assert [c[1] for c in calls(run_dir)] == ["2"]  # trained once, from the checkpoint
+    assert set(completes_per_point(study).values()) == {1} and len(completes_per_point(study)) == 6
+
+
+def test_stale_heartbeat_and_silent_claims_are_requeued_after_grace(tmp_path, results, monkeypatch):
+    monkeypatch.setattr(studies, "GRACE_S", 1)
+    (plan,) = make_plans(write_sweep(tmp_path))
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    with grid_lock(storage):
+        studies.enqueue_missing(study, plan)
+    _, _, remote = claim(results, "another-host", 4242)  # a live-looking worker on another machine
+    storage.record_heartbeat(studies.trial_id(storage, study, remote.number))
+    with grid_lock(storage):
+        silent = studies.pop_waiting(storage, study)  # claimed, then died before any attr or heartbeat
+        assert studies.recover(storage, study) == []  # both still within the grace period
+    time.sleep(2.5)
+    with grid_lock(storage):
+        assert studies.recover(storage, study) == sorted([remote.number, silent.number])
+    retries = {t.system_attrs["failed_trial"]: t for t in study.get_trials()
+               if "failed_trial" in t.system_attrs}
+    assert set(retries) == {remote.number, silent.number}
+    assert all(t.state == TrialState.WAITING for t in retries.values())
+    assert retries[remote.number].params == remote.params
+    assert "worker" not in retries[remote.number].user_attrs  # the dead worker's identity is not copied
+
+
+def test_requeue_gives_up_after_max_retry(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path))
+    study = studies.open_study(studies.open_storage(url_of(results)), plan)
+    trial = optuna.trial.create_trial(state=TrialState.FAIL, params={"setting": "r=8", "seed": 0},
+                                      distributions=plan.distributions(),
+                                      system_attrs={"retry_history": list(range(studies.MAX_RETRY))})
+    assert not studies.requeue(study, trial)
+    assert studies.requeue(study, optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"setting": "r=8", "seed": 0}, distributions=plan.distributions()))
+
+
+def test_worker_joins_existing_study_with_its_stored_options(tmp_path, results):
+    (plan,) = make_plans(write_sweep(tmp_path), data_root="/stored/root")
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    with grid_lock(storage):
+        studies.enqueue_missing(study, plan)
+    events = []
+    worker.work(url_of(results), ["mini-quick"], results_dir=results, device="cpu", data_root=None,
+                emit=events.append, trainer=FAKE)
+    assert len(completes_per_point(load(results))) == 6
+    pid, start, data_root, epochs = calls(plan.run_dir(results, "original", 1))[0]
+    assert (data_root, epochs) == ("/stored/root", "3")  # --data-root and --set came from the study
+    assert [e["kind"] for e in events].count("end") == 6
+
+
+def test_worker_cli_errors(tmp_path, results, capsys):
+    rc, err = _cli(capsys, "worker", "--study", "mini-quick", "--results-dir", str(results))
+    assert rc == 2 and "no such database" in err and not (results / "optuna.db").exists()
+    (plan,) = make_plans(write_sweep(tmp_path))
+    studies.open_study(studies.open_storage(url_of(results)), plan)
+    rc, err = _cli(capsys, "worker", "--study", "nope-quick", "--results-dir", str(results))
+    assert rc == 2 and "nope-quick" in err and "mini-quick" in err
+
+
+def test_status_prints_counts_and_eta(tmp_path, results, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_NAN_SETTING", "original")
+    run_fake(tmp_path, results)
+    capsys.readouterr()
+    assert cli.main(["status", "--results-dir", str(results)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[1].split()
+    row = dict(zip(header, out[2].split()))
+    assert row == {"study": "mini-quick", "points": "6", "done": "4", "running": "0", "queued": "0",
+                   "failed": "2", "missing": "0", "eta": "-"}
+
+
+def test_status_eta_from_median_trial_time(tmp_path, results):
+    from datetime import datetime, timedelta
+
+    (plan,) = make_plans(write_sweep(tmp_path))
+    storage = studies.open_storage(url_of(results))
+    study = studies.open_study(storage, plan)
+    now = datetime.now()
+
+    def add(state, label, started_s_ago, took_s=None):
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, trial_id=0, state=state, value=1.0 if took_s else None, values=None,
+            datetime_start=now - timedelta(seconds=started_s_ago),
+            datetime_complete=now - timedelta(seconds=started_s_ago - took_s) if took_s else None,
+            params={"setting": label, "seed": 0}, distributions=plan.distributions(),
+            user_attrs={}, system_attrs={}, intermediate_values={}))
+
+    add(TrialState.COMPLETE, "r=16", 500, took_s=60)
+    add(TrialState.COMPLETE, "r=8", 400, took_s=60)
+    add(TrialState.RUNNING, "original", 20)
+    with grid_lock(storage):
+        assert studies.enqueue_missing(study, plan) == 3
+    row = scheduler.study_status(study, now=now)
+    # 3 queued x 60 s + the running one's last 40 s, over the one worker running now
+    assert (row["done"], row["running"], row["queued"], row["eta"]) == (2, 1, 3, "3m40s")
+
+
+def test_no_storage_yet(results, capsys):
+    assert cli.main(["status", "--results-dir", str(results)]) == 0
+    assert "no studies yet" in capsys.readouterr().out
+    assert not (results / "optuna.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _run_in_process(plans, results: str, workers: int, epoch_s: str) -> None:
+    os.environ["FAKE_EPOCH_S"] = epoch_s
+    sys.exit(scheduler.run(plans, url_of(Path(results)), Path(results), ["cpu"], workers, trainer=FAKE,
+                           bars=False))
+
+
+def test_two_runs_at_once_complete_every_point_exactly_once(tmp_path, results):
+    ctx = mp.get_context("spawn")
+    plans = make_plans(write_sweep(tmp_path), seeds=4)  # validated once here: children skip torch
+    procs = [ctx.Process(target=_run_in_process, args=(plans, str(results), 2, "0.05")) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    study = load(results)
+    assert completes_per_point(study) == {(label, s): 1 for s in range(4) for label in ("r=16", "r=8", "original")}
+    assert len(study.trials) == 12  # nothing queued twice, nothing failed
+    assert all(len(calls(d)) == 1 for d in (results / "quick" / "mini").glob("*/seed*"))
+
+
+def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_path, results):
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_run_in_process, args=(make_plans(write_sweep(tmp_path), seeds=4), str(results), 2,
+                                                  "0.4"))
+    p.start()
+    deadline = time.monotonic() + 60
+    running = []
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            trials = load(results).get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, Exception):  # no database or no study yet
+            continue
+        running = [t for t in trials if "pid" in t.user_attrs
+                   and (Path(t.user_attrs["run_dir"]) / "checkpoint.json").exists()]
+        if len(running) == 2:
+            break
+    assert len(running) == 2, "two workers never got going"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    pids = [t.user_attrs["pid"] for t in running]
+    deadline = time.monotonic() + 10
+    while any(studies.process_alive(pid, None) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(studies.process_alive(pid, None) for pid in pids), "workers outlived their run"
+
+    os.environ["FAKE_EPOCH_S"] = "0"
+    try:
+        assert run_fake(tmp_path, results, seeds=4) == 0
+    finally:
+        del os.environ["FAKE_EPOCH_S"]
+    study = load(results)
+    assert set(completes_per_point(study).values()) == {1} and len(completes_per_point(study)) == 12
+    for t in running:
+        (retry,) = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
+        assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_epochs"] >= 1
+        assert len(calls(Path(t.user_attrs["run_dir"]))) == 2  # the killed start + one resume
