@@ -343,9 +343,6 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
     if final_path.exists():
         return json.loads(final_path.read_text())
     dev = resolve_device(device)
-    if dist.is_main:
-        write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
-
     with torch_settings(cfg.train, dev):
         return _train(cfg, out_dir, dev, dist, data_root, progress, on_epoch)
 
@@ -372,6 +369,10 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec.bf16 else contextlib.nullcontext()
 
+    # Claimed only now that data and model are known to work: a run that failed on bad input leaves
+    # no config behind to clash with the corrected rerun.
+    if dist.is_main and not (out_dir / "config.yaml").exists():
+        write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
     ckpt_path = out_dir / "checkpoint.pt"
     rows: list[dict[str, Any]] = []
     start, step, train_seconds = 0, 0, 0.0

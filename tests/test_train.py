@@ -1,0 +1,300 @@
+"""Trainer: LR schedules, optimizer groups, the run-directory contract, resume (simulated and kill -9)
+with bit-identical deterministic CPU results, divergence, the `ablate train` command and its errors,
+and the quick profile's accuracy acceptance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ablations import cli
+from ablations.complexity import complexity
+from ablations.errors import SpecError
+from ablations.patch import build_model
+from ablations.spec import ROOT, BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec, load_profile
+from ablations.train import (
+    METRIC_COLUMNS,
+    TrialFailed,
+    lr_at,
+    make_optimizer,
+    train,
+)
+
+FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
+              "images_per_s", "epochs", "device", "versions", "git_commit", "sweep", "profile", "setting",
+              "seed"}
+TIMING = ("epoch_seconds", "images_per_s")
+TINY_SET = ["backbone.layers=[1,1,1,1]", "backbone.channels=[16,16,16,16]", "backbone.num_classes=4",
+            "data.dataset=synthetic", "data.synthetic_size=64", "data.input_size=8", "data.batch_size=16",
+            "train.epochs=2", "train.threads=1"]
+
+
+def tiny_cfg(**train_kw) -> RunConfig:
+    return RunConfig(
+        sweep="", profile="test", setting="SE", seed=3, se=SESpec(),
+        backbone=BackboneSpec(layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True, num_classes=4),
+        data=DataSpec(dataset="synthetic", synthetic_size=64, input_size=8, batch_size=16),
+        train=TrainSpec(**{"epochs": 2, "lr": 0.05, "threads": 1, "warmup_epochs": 0.5, **train_kw}),
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with (path / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe pieces
+
+
+def test_lr_warmup_then_cosine_to_zero():
+    spec = TrainSpec(epochs=4, lr=0.4, warmup_epochs=1, schedule="cosine")
+    lrs = [lr_at(s, spec, steps_per_epoch=10) for s in range(40)]
+    assert lrs[:10] == pytest.approx([0.04 * (i + 1) for i in range(10)])  # linear, per step
+    assert lrs[10] == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[25] == pytest.approx(0.4 * 0.5 * (1 + np.cos(np.pi * 15 / 30)))
+    assert lrs[-1] < 0.01
+
+
+def test_lr_step_and_constant():
+    step = TrainSpec(epochs=100, lr=0.6, schedule="step", step_every=30, step_gamma=0.1)
+    assert lr_at(0, step, 5) == pytest.approx(0.6)
+    assert lr_at(30 * 5 - 1, step, 5) == pytest.approx(0.6)
+    assert lr_at(30 * 5, step, 5) == pytest.approx(0.06)
+    assert lr_at(95 * 5, step, 5) == pytest.approx(0.6e-3)
+    const = TrainSpec(lr=0.3, schedule="constant", warmup_epochs=0.5)
+    assert lr_at(0, const, 4) == pytest.approx(0.15) and lr_at(9, const, 4) == pytest.approx(0.3)
+
+
+def test_weight_decay_skips_bn_and_bias():
+    model = build_model(tiny_cfg().backbone, SESpec(bias=True))
+    opt = make_optimizer(model, TrainSpec(weight_decay=1e-4, nesterov=True))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["nesterov"] is True
+    everything = make_optimizer(model, TrainSpec(wd_skip_bn_bias=False))
+    assert len(everything.param_groups) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory
+
+
+def test_run_directory_contract(tmp_path):
+    cfg = tiny_cfg()
+    seen = []
+    final = train(cfg, tmp_path, progress=False, on_epoch=seen.append)
+    assert set(final) == FINAL_KEYS
+    assert json.loads((tmp_path / "final.json").read_text()) == final
+    assert (tmp_path / "config.yaml").read_text() == cfg.to_yaml()
+    rows = read_metrics(tmp_path)
+    assert list(rows[0]) == list(METRIC_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in seen] == [1, 2] and float(rows[-1]["top1_err"]) == final["top1_err"]
+    assert 0 <= final["top1_err"] <= 100 and 0 <= final["top5_err"] <= final["top1_err"]
+    assert final["epochs"] == 2 and final["device"] == "cpu" and final["seed"] == 3
+    assert set(final["versions"]) == {"python", "torch", "timm"}
+    c = complexity(build_model(cfg.backbone, cfg.se), 8, 3)
+    assert (final["params"], final["macs"]) == (c.params, c.macs)
+    assert final["gflops"] == pytest.approx(c.macs / 1e9)
+    assert final["images_per_s"] > 0 and final["train_seconds"] > 0
+
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and len(ckpt["metrics"]) == 2
+    assert {"model", "optimizer", "rng"} <= set(ckpt)
+
+    with np.load(tmp_path / "excitations.npz", allow_pickle=False) as z:
+        assert z["blocks"].tolist() == ["SE_2_1", "SE_3_1", "SE_4_1", "SE_5_1"]
+        assert z["classes"].tolist() == [0, 1, 2, 3] and z["counts"].tolist() == [4, 4, 4, 4]
+        assert z["SE_5_1.mean"].shape == (4, 64)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_rerun_of_finished_trial_returns_final_without_training(tmp_path):
+    first = train(tiny_cfg(), tmp_path, progress=False)
+    stamp = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    calls = []
+    again = train(tiny_cfg(), tmp_path, progress=False, on_epoch=calls.append)
+    assert again == first and calls == []
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == stamp
+
+
+def test_config_mismatch_is_refused(tmp_path):
+    train(tiny_cfg(), tmp_path, progress=False)
+    with pytest.raises(SpecError, match=r"different config \(train.epochs: 2 -> 3\)"):
+        train(tiny_cfg(epochs=3), tmp_path, progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interrupt_is_bit_identical(tmp_path):
+    cfg = tiny_cfg(epochs=3, deterministic=True)
+    whole = train(cfg, tmp_path / "whole", progress=False)
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, tmp_path / "cut", progress=False, on_epoch=stop_after_first)
+    assert not (tmp_path / "cut" / "final.json").exists() and len(read_metrics(tmp_path / "cut")) == 1
+    epochs_run = []
+    resumed = train(cfg, tmp_path / "cut", progress=False, on_epoch=lambda r: epochs_run.append(r["epoch"]))
+    assert epochs_run == [2, 3]
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "whole"))
+    for key in ("top1_err", "top5_err", "val_loss", "epochs", "params"):
+        assert resumed[key] == whole[key]
+    a = np.load(tmp_path / "whole" / "excitations.npz")
+    b = np.load(tmp_path / "cut" / "excitations.npz")
+    assert np.array_equal(a["SE_3_1.mean"], b["SE_3_1.mean"])
+
+
+def test_diverging_loss_stops_the_trial(tmp_path):
+    with pytest.raises(TrialFailed, match="training loss is (nan|inf).*diverged"):
+        train(tiny_cfg(lr=1e8), tmp_path, progress=False)
+    assert not (tmp_path / "final.json").exists()
+
+
+def test_threads_and_determinism_are_restored(tmp_path):
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    train(tiny_cfg(deterministic=True, epochs=1), tmp_path, progress=False)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# ablate train
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_trains_a_sweep_row(tmp_path, capsys):
+    sets = [x for s in TINY_SET for x in ("--set", s)]
+    code, out, _ = run_cli(["train", "--sweep", "squeeze", "--setting", "max", "--out", str(tmp_path),
+                            "--seed", "2", *sets], capsys)
+    assert code == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert (final["sweep"], final["setting"], final["seed"]) == ("squeeze", "max", 2)
+    assert "squeeze: max" in (tmp_path / "config.yaml").read_text()
+    assert "top-1 error" in out and f"{final['top1_err']:.2f}%" in out
+
+
+def test_cli_default_is_standard_se_r16(tmp_path, capsys):
+    sets = [x for s in [*TINY_SET, "train.epochs=1"] for x in ("--set", s)]
+    code, _, _ = run_cli(["train", "--out", str(tmp_path), *sets], capsys)
+    assert code == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["sweep"] == "" and final["profile"] == "quick"
+    text = (tmp_path / "config.yaml").read_text()
+    assert "reduction: 16" in text and "position: standard" in text and "squeeze: avg" in text
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--set", "data.dataset=cifar10"], "data.root"),
+    (["--set", "data.dataset=cifar10", "--data-root", "{tmp}/missing"], "data.root: no such directory"),
+    (["--set", "data.dataset=cifar10", "--data-root", "{tmp}"], "data.root"),  # malformed: no batches
+    (["--set", "data.dataset=imagefolder", "--data-root", "{tmp}"], "data.root"),
+    (["--set", "data.dataset=mnist"], "data.dataset"),
+    (["--set", "data.input_size=4"], "data.input_size: 4 is too small"),
+    (["--set", "train.epochs=0"], "train.epochs"),
+    (["--set", "train.epochz=3"], "--set: train.epochz: unknown key"),
+    (["--setting", "max"], "--setting: needs --sweep"),
+    (["--sweep", "squeeze", "--setting", "nope"], "--setting: unknown label 'nope'"),
+    (["--device", "cuda:7"], "--device"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, needle):
+    (tmp_path / "garbage.txt").write_text("not a data set")
+    argv = ["train", "--out", str(tmp_path / "run"), *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "run" / "final.json").exists()
+
+
+def test_cli_diverged_trial_exits_1(tmp_path, capsys):
+    sets = [x for s in TINY_SET for x in ("--set", s)]
+    code, _, err = run_cli(["train", "--out", str(tmp_path), *sets, "--set", "train.lr=1e8"], capsys)
+    assert code == 1
+    assert err.replace("\r", "\n").splitlines()[-1].startswith("error: trial failed: training loss is")
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on the quick profile, as a user runs it
+
+
+def ablate_train(out: Path, *extra: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ablations", "train", "--profile", "quick", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_rerun_continues_and_matches(tmp_path):
+    extra = ("--set", "train.epochs=3", "--set", "train.deterministic=true")
+    whole = ablate_train(tmp_path / "whole", *extra)
+    cut = ablate_train(tmp_path / "cut", *extra)
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), cut.communicate()[1][-2000:]
+    time.sleep(0.3)  # into epoch 2 (an epoch takes seconds)
+    cut.send_signal(signal.SIGKILL)
+    cut.wait()
+    assert cut.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "final.json").exists()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert done in (1, 2)
+
+    rerun = ablate_train(tmp_path / "cut", *extra)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    finished = [k for k in (1, 2, 3) if f"epoch {k}/3  train_loss" in err]
+    assert finished == list(range(done + 1, 4))  # continued after the checkpoint, to the end
+    whole.communicate(timeout=300)
+    assert whole.returncode == 0
+    a = json.loads((tmp_path / "whole" / "final.json").read_text())
+    b = json.loads((tmp_path / "cut" / "final.json").read_text())
+    assert b["epochs"] == 3
+    for key in ("top1_err", "top5_err", "val_loss"):
+        assert a[key] == b[key]
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
+@pytest.mark.slow
+def test_quick_profile_reaches_3_percent(tmp_path):
+    start = time.monotonic()
+    proc = ablate_train(tmp_path)
+    out, err = proc.communicate(timeout=600)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, err[-2000:]
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["top1_err"] <= 3.0, final
+    assert final["epochs"] == load_profile("quick").train.epochs
+    assert "top-1 error" in out
+    print(f"quick profile: top-1 error {final['top1_err']:.2f}% in {wall:.1f} s wall")
