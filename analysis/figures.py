@@ -18,6 +18,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import patheffects
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ablations.spec import SESpec, Sweep
@@ -220,6 +221,8 @@ def training_curves(curves: pd.DataFrame, baseline: str, se: str, title: str = "
                      errorbar="sd", marker="o", markersize=4, ax=ax_err)
         for a in (ax_loss, ax_err):
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Log scale: an unstable first epoch (validation loss in the hundreds) must not flatten the rest.
+        ax_loss.set_yscale("log")
         ax_loss.set_title("loss")
         ax_err.set_title("validation top-1 error")
         ax_err.set_ylabel("top-1 error (%)")
@@ -249,10 +252,10 @@ def table_plot(table: Table) -> Figure:
             pos = {label: i for i, label in enumerate(r["setting"])}
             sx = seeds["setting"].map(pos)
             jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(seeds))  # fixed: same image each time
-            ax.scatter(sx + jitter, seeds["top1_err"], s=14, color="0.55", zorder=2, label="seeds")
+            ax.scatter(sx + jitter, seeds["top1_err"], s=14, color="0.55", zorder=2)
         ax.errorbar(x, r["top1_mean"], yerr=r["top1_std"].fillna(0), fmt="none", ecolor="black",
                     capsize=4, lw=1.2, zorder=3)
-        ax.scatter(x, r["top1_mean"], s=46, c=colors, zorder=4, label="mean ± std")
+        ax.scatter(x, r["top1_mean"], s=46, c=colors, zorder=4)
         ref = r[r["reference"]]
         if len(ref) and not np.isnan(ref["top1_mean"].iloc[0]):  # the line every delta is measured from
             ax.axhline(ref["top1_mean"].iloc[0], ls=":", lw=1, color=ref_color, zorder=1)
@@ -268,7 +271,12 @@ def table_plot(table: Table) -> Figure:
             a.set_xticks(x, [f"{s}\n(ref)" if ref else s for s, ref in zip(r["setting"], r["reference"])])
             a.tick_params(axis="x", labelrotation=0 if len(r) <= 4 else 25)
             a.set_xlim(-0.6, len(r) - 0.4)
-        ax.legend(loc="best", frameon=True, fontsize="small")
+        # Proxy handles: the mean markers mix two colours, and the legend must explain both.
+        handles = [Line2D([], [], ls="", marker="o", ms=4, color="0.55", label="seed")] if len(seeds) else []
+        handles += [Line2D([], [], ls="-", marker="o", color="black", mec=color, mfc=color, lw=1.2,
+                           label="mean ± std"),
+                    Line2D([], [], ls="", marker="o", color=ref_color, label="reference row")]
+        ax.legend(handles=handles, loc="best", frameon=True, fontsize="small")
         fig.suptitle(table.title)
     return fig
 

@@ -122,8 +122,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_final(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's final.json, or None when it has none (or only a torn one)."""
+    return _read_json(Path(run_dir) / "final.json")
+
+
 def _dir_row(run_dir: Path) -> dict[str, Any] | None:
-    final = _read_json(run_dir / "final.json")
+    final = read_final(run_dir)
     if final is not None:
         info, state = final, "COMPLETE"
     else:
@@ -171,12 +176,30 @@ def load_trials(results_dir: str | Path, storage: str | None = None, *, sweep: s
         if key in seen_complete or (row["state"] == INCOMPLETE and key in seen_any):
             continue
         rows.append(row)
+    _fill_from_run_dirs(results_dir, rows)
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     for col in METRICS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["seed"] = pd.array([_as_int(s) for s in df["seed"]], dtype="Int64")
     df["trial_number"] = pd.array(df["trial_number"].tolist(), dtype="Int64")
     return df
+
+
+def _fill_from_run_dirs(results_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Complete storage trials missing metrics take them from their final.json.
+
+    The worker records final.json's values as user attrs before it marks a trial COMPLETE, but a
+    storage written by an older or foreign worker may hold only the objective (top-1 error).
+    """
+    for row in rows:
+        if row["source"] != "storage" or row["state"] != "COMPLETE" or row["seed"] is None:
+            continue
+        if all(row.get(k) is not None for k in ("top5_err", "params_m", "gflops")):
+            continue
+        final = read_final(locate_run_dir(results_dir, row)) or {}
+        for k in (*METRICS, "device", "git_commit"):
+            if row.get(k) is None and final.get(k) is not None:
+                row[k] = final[k]
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:

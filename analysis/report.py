@@ -85,7 +85,12 @@ def _trial_environment(results_dir: Path, trials: pd.DataFrame) -> str:
                                   "completed trials": str(len(runs)),
                                   "train time (sum)": f"{runs['train_seconds'].sum() / 60:.1f} min"}))
         first = runs.sort_values(["setting", "seed"]).iloc[0]
-        config = load.locate_run_dir(results_dir, first) / "config.yaml"
+        run_dir = load.locate_run_dir(results_dir, first)
+        final = load.read_final(run_dir) or {}
+        if isinstance(final.get("versions"), dict):  # the trainer's own record of its software
+            parts.append(f"<p>Software of {html.escape(str(first['setting']))} seed {int(first['seed'])}:</p>"
+                         + _kv_table({str(k): str(v) for k, v in final["versions"].items()}))
+        config = run_dir / "config.yaml"
         if config.is_file():
             parts.append(f"<p>Resolved configuration of {html.escape(str(first['setting']))} seed "
                          f"{int(first['seed'])} (<code>config.yaml</code>):</p>" + _pre(config.read_text()))
