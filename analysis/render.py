@@ -25,7 +25,9 @@ def _sig(x: float | None) -> str:
     """3 significant digits: 28.1 M params on ImageNet and 0.372 M on the quick profile both read well."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return DASH
-    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:#.3g}".rstrip(".")  # '#' keeps 0.380 aligned with 0.419; rstrip turns "100." into "100"
 
 
 def _pm(mean: float, std: float) -> str:

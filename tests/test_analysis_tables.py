@@ -180,3 +180,40 @@ def test_csv_round_trips_numbers(results):
     table = load_table(results, None, load_sweep("ratio"), PROFILE)
     back = pd.read_csv(io.StringIO(render(table, "csv")))
     assert back["top1_ci_low"].tolist() == pytest.approx(table.rows["top1_ci_low"].tolist(), rel=1e-5)
+
+
+def _study(path, name="ratio-quick"):
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{path / 'optuna.db'}")
+    study.set_user_attr("sweep", "ratio")
+    study.set_user_attr("profile", "quick")
+    return study
+
+
+def _dist():
+    return {"setting": optuna.distributions.CategoricalDistribution(list(RATIO)),
+            "seed": optuna.distributions.IntDistribution(0, 2)}
+
+
+def test_storage_trial_with_only_the_objective_takes_metrics_from_final_json(results, tmp_path):
+    """A storage that recorded only the objective still gives full rows from the run dirs."""
+    copy = tmp_path / "r"
+    shutil.copytree(results / PROFILE, copy / PROFILE)
+    _study(copy).add_trial(optuna.trial.create_trial(
+        value=99.0, params={"setting": "r=2", "seed": 0}, distributions=_dist()))
+    row = load.load_trials(copy, sweep="ratio").query("setting == 'r=2' and seed == 0").iloc[0]
+    assert row["source"] == "storage" and row["top1_err"] == 99.0  # the storage's objective stands
+    assert row["top5_err"] == pytest.approx(top5(RATIO["r=2"], 0)) and row["params_m"] == 0.61
+
+
+def test_finished_run_whose_trial_was_declared_lost_still_counts(results, tmp_path):
+    """final.json exists but the storage says FAIL (the worker was declared dead as it finished)."""
+    copy = tmp_path / "r"
+    shutil.copytree(results / PROFILE, copy / PROFILE)
+    _study(copy).add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"setting": "r=2", "seed": 0}, distributions=_dist(),
+        user_attrs={"fail_reason": "heartbeat lost"}))
+    df = load.load_trials(copy, sweep="ratio")
+    r2 = df.query("setting == 'r=2' and seed == 0")
+    assert sorted(zip(r2["state"], r2["source"])) == [("COMPLETE", "run_dir"), ("FAIL", "storage")]
+    table = load_table(copy, None, load_sweep("ratio"), PROFILE)
+    assert table.rows.set_index("setting").loc["r=2", "n"] == 3
