@@ -16,6 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# mkstemp creates 0600 files; results are meant to be shared, so apply the usual umask instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str) -> Iterator[IO[Any]]:
@@ -28,6 +32,7 @@ def _atomic(path: Path, mode: str) -> Iterator[IO[Any]]:
             f.flush()
             # Without fsync a crash right after the rename can leave an empty file under the new name.
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -39,6 +44,13 @@ def write_bytes_with(path: str | Path, writer: Callable[[IO[bytes]], None]) -> N
     """Let `writer` fill a binary file that appears at `path` only once complete."""
     with _atomic(Path(path), "wb") as f:
         writer(f)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write text or bytes to a temporary file beside `path`, then rename it over `path`."""
+    with _atomic(Path(path), "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nbformat
 
+from ablations.runio import write_atomic
 from ablations.spec import ROOT
-from analysis._io import write_atomic
 
 NOTEBOOKS_DIR = Path(__file__).with_name("notebooks")
 INJECTED_TAG = "injected-parameters"

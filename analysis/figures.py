@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ablations.runio import write_atomic
 from ablations.spec import SESpec, Sweep
 from analysis import load, stats
-from analysis._io import write_atomic
 from analysis.tables import Table, all_sweeps, build_table
 
 DPI = 150  # PNG pixels = figsize (inches) x DPI; saved without a tight bbox so the size is exact

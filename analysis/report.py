@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablations.runio import write_atomic
 from ablations.spec import PROFILES_DIR, ROOT
 from analysis import load
-from analysis._io import write_atomic
 from analysis.figures import figures_dir, write_figures
 from analysis.render import render
 from analysis.tables import Table, write_all_tables

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from ablations.paper import published_row
+from ablations.runio import write_atomic
 from ablations.spec import SWEEPS_DIR, Sweep, load_sweep
 from analysis import load, stats
-from analysis._io import write_atomic
 
 # CSV column order: what a row says about one setting.
 COLUMNS = (
