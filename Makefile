@@ -4,7 +4,7 @@
 
 PROFILE ?= quick
 SEEDS   ?= 3
-WORKERS ?= 1
+WORKERS ?= 2   # trials in parallel: quick trains on 1 torch thread, so 2 fill 2 cores
 DEVICES ?=
 STORAGE ?=
 RESULTS ?= results

@@ -15,6 +15,7 @@ import hashlib
 import os
 import socket
 import sqlite3
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations.errors import SpecError
+from ablations.resilience import first_line, grace_s, heartbeat_s, safe_url, with_retries
 from ablations.spec import Profile, RunConfig, Setting, Sweep, run_config
 
-HEARTBEAT_S = 10  # a worker records a heartbeat this often while it trains
-GRACE_S = 120  # silence after which any process may fail + requeue the trial (its worker is gone)
+# Environment knobs (resilience.py), so a fault-injection test can shrink the grace period to seconds.
+HEARTBEAT_S = heartbeat_s()  # a worker records a heartbeat this often while it trains
+GRACE_S = grace_s()  # silence after which any process may fail + requeue the trial (its worker is gone)
 MAX_RETRY = 3  # automatic requeues per grid point; running `ablate run` again re-enqueues beyond that
 BACKENDS = ("sqlite", "postgresql")
 # Params and attrs that identify a grid point; a requeued trial keeps these and drops the worker's own.
@@ -107,17 +110,24 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial 3 finished" lines over the bars
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats: "experimental" since 2.9
     kwargs: dict[str, Any] = {"creator": _sqlite_connector(path)} if path is not None else {"pool_pre_ping": True}
-    try:
+
+    def connect() -> optuna.storages.RDBStorage:
         with _lock(url):  # Optuna creating tables in a new database is not safe to do twice at once
-            storage = optuna.storages.RDBStorage(
+            return optuna.storages.RDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=requeue,
             )
+
+    shown = safe_url(url)
+    started = time.monotonic()
+    try:  # a database restarting or a network blip must not end a worker that could wait it out
+        storage = with_retries(connect, f"storage {shown}")
     except ImportError as e:
-        raise SpecError(f"no database driver: {e}", source="--storage", key=url) from None
+        raise SpecError(f"no database driver: {e}", source="--storage", key=shown) from None
     except Exception as e:  # noqa: BLE001 -- any connection failure is a bad --storage to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"cannot open storage: {first}", source="--storage", key=url) from None
+        waited = time.monotonic() - started
+        after = f" (gave up after {waited:.0f} s of retries)" if waited >= 1 else ""
+        raise SpecError(f"cannot open storage: {first_line(e)}{after}", source="--storage", key=shown) from None
     return storage
 
 

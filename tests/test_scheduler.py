@@ -509,3 +509,97 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
         (retry,) = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
         assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_epochs"] >= 1
         assert len(calls(Path(t.user_attrs["run_dir"]))) == 2  # the killed start + one resume
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: the real trainer through the `ablate` command (small grid, few epochs)
+
+E2E_SETTINGS = [{"label": "r=16", "reduction": 16}, {"label": "original", "se": False}]
+
+
+def ablate(*argv: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ablations", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def e2e_args(tmp_path: Path, results: Path, *extra: str) -> list[str]:
+    sweep = write_sweep(tmp_path, settings=E2E_SETTINGS)
+    return ["run", str(sweep), "--results-dir", str(results), *extra]
+
+
+@pytest.mark.slow
+def test_e2e_kill_9_then_rerun_resumes_and_completes_each_point_once(tmp_path, results):
+    args = e2e_args(tmp_path, results, "--workers", "2", "--set", "train.epochs=3")
+    proc = ablate(*args)
+    victim = None
+    deadline = time.monotonic() + 400
+    while victim is None:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no trial got to a checkpoint with another one completed"
+        time.sleep(0.5)
+        try:
+            trials = load(results).get_trials()
+        except Exception:  # noqa: BLE001 -- no database or study yet
+            continue
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        running = [t for t in trials if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
+                   and (Path(t.user_attrs["run_dir"]) / "checkpoint.pt").exists()]
+        if done and running:
+            victim = running[0]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    finished = {studies.grid_point(t): (t.number, os.stat(Path(t.user_attrs["run_dir"]) / "final.json").st_mtime_ns)
+                for t in load(results).get_trials(states=(TrialState.COMPLETE,))}
+    rerun = ablate(*args)
+    out, err = rerun.communicate(timeout=500)
+    assert rerun.returncode == 0, err
+    assert "Table 10" in out and "original (ref)" in out
+
+    study = load(results)
+    assert set(completes_per_point(study).values()) == {1} and len(completes_per_point(study)) == 4
+    for number, mtime in finished.values():  # nothing completed earlier was trained again
+        t = study.trials[number]
+        assert t.state == TrialState.COMPLETE
+        assert os.stat(Path(t.user_attrs["run_dir"]) / "final.json").st_mtime_ns == mtime
+    assert study.trials[victim.number].state == TrialState.FAIL
+    assert "died" in study.trials[victim.number].user_attrs["fail_reason"]
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_epochs"] >= 1  # from its checkpoint
+    metrics = (Path(retry.user_attrs["run_dir"]) / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in metrics[1:]] == ["1", "2", "3"]  # no epoch trained twice
+
+
+@pytest.mark.slow
+def test_e2e_two_runs_started_together_complete_each_point_once(tmp_path, results):
+    args = e2e_args(tmp_path, results, "--set", "train.epochs=1")
+    procs = [ablate(*args), ablate(*args)]
+    outs = [p.communicate(timeout=500) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    study = load(results)
+    assert completes_per_point(study) == {(label, s): 1 for s in range(2) for label in ("r=16", "original")}
+    assert len(study.trials) == 4
+
+
+@pytest.mark.slow
+def test_e2e_diverging_trial_fails_with_reason_and_exit_1(tmp_path, results):
+    sweep = write_sweep(tmp_path, settings=[{"label": "r=16", "reduction": 16}], seeds=1, reference=None)
+    proc = ablate("run", str(sweep), "--results-dir", str(results), "--set", "train.epochs=1",
+                  "--set", "train.lr=1.0e+8", "--set", "train.warmup_epochs=0")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    (trial,) = load(results).trials
+    assert trial.state == TrialState.FAIL and "loss" in trial.user_attrs["fail_reason"]
+    assert "Traceback" not in err  # an expected failure is one line, not a stack
+
+
+def test_make_target_runs_the_sweep_with_its_variables():
+    out = subprocess.run(["make", "-n", "ablation-ratio", "PYTHON=python3", "SEEDS=2", "WORKERS=3",
+                          "DEVICES=cpu", "RESULTS=/tmp/r", "STORAGE=sqlite:////tmp/r/x.db"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if " run ratio " in x)
+    for part in ("--profile quick", "--seeds 2", "--workers 3", "--results-dir /tmp/r", "--devices cpu",
+                 "--storage sqlite:////tmp/r/x.db"):
+        assert part in line
+    targets = subprocess.run(["make", "-n", "ablations", "PYTHON=python3"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    assert "run ratio squeeze excitation stages integration se3x3 nosqueeze" in targets

@@ -1,0 +1,119 @@
+"""`ablate dashboard` serves the sweep storage over HTTP; each study's note says what it reproduces."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ablations import dashboard, scheduler, studies
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ratio_plan(*overrides: str, sweep: str = "ratio"):
+    args = argparse.Namespace(sweeps=[sweep], profile="quick", set=list(overrides), seeds=None, data_root=None)
+    (plan,) = scheduler.plans_from_args(args)
+    return plan
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, json.loads(r.read())
+
+
+def test_note_has_description_and_published_numbers():
+    plan = ratio_plan("train.epochs=2")
+    note = dashboard.study_note(plan)
+    assert note.startswith("## Table 10 (ratio), profile `quick`")
+    assert plan.sweep.description.split(".")[0] in note
+    assert "| r=16 | 22.28 | 6.03 | – | 28.1 |" in note  # the paper's Table 10 row, GFLOPs not given
+    assert "| original | 23.30 | 6.55 |" in note
+    assert "`--set train.epochs=2`" in note
+    assert "not the absolute errors" in note  # quick is not ImageNet
+
+
+def test_note_saved_once_and_rewritten_when_it_changes(tmp_path):
+    from optuna_dashboard import get_note
+
+    storage = studies.open_storage(studies.storage_url(tmp_path, None))
+    plan = ratio_plan()
+    study = studies.open_study(storage, plan)
+    sid = storage.get_study_id_from_name(study.study_name)
+    assert get_note(study) == dashboard.study_note(plan)
+    assert study.metric_names == [dashboard.OBJECTIVE]
+    studies.open_study(storage, plan)
+    assert storage.get_study_system_attrs(sid)["dashboard:note_ver"] == 1  # unchanged: not saved again
+    more = ratio_plan()
+    more = studies.Plan(more.sweep.model_copy(update={"description": "new words"}), more.profile, 5)
+    studies.open_study(storage, more)
+    assert storage.get_study_system_attrs(sid)["dashboard:note_ver"] == 2
+    assert "new words" in get_note(study) and "5 seeds" in get_note(study)
+
+
+def test_dashboard_serves_the_study_list_over_http(tmp_path):
+    results = tmp_path / "results"
+    storage = studies.open_storage(studies.storage_url(results, None))
+    studies.open_study(storage, ratio_plan())
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ablations", "dashboard", "--results-dir", str(results), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                status, body = get_json(f"http://127.0.0.1:{port}/api/studies")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "dashboard did not come up"
+                time.sleep(0.3)
+        assert status == 200
+        (summary,) = [s for s in body["study_summaries"] if s["study_name"] == "ratio-quick"]
+        status, detail = get_json(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
+        assert status == 200 and "22.28" in detail["note"]["body"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode is not None
+
+
+def test_dashboard_on_a_busy_port_is_a_one_line_error(tmp_path, capsys):
+    from ablations import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = cli.main(["dashboard", "--results-dir", str(tmp_path), "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: --port: cannot listen on 127.0.0.1:") and "in use" in err[-1]
+
+
+@pytest.mark.parametrize("storage", ["mysql://x@h/db", "sqlite:///:memory:"])
+def test_dashboard_rejects_bad_storage(storage, capsys):
+    from ablations import cli
+
+    assert cli.main(["dashboard", "--storage", storage]) == 2
+    assert capsys.readouterr().err.startswith("error: --storage")
+
