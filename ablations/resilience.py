@@ -1,0 +1,145 @@
+"""Surviving the machine: timing knobs from the environment, storage retries, results-dir checks.
+
+Workers outlive hiccups that are not their fault (a database restarting, a login node's NFS pausing)
+and stop, with one line, on those that will not pass (a read-only or full results directory): a
+trial is never burned as FAILED because of the machine it happened to run on.
+
+Knobs (environment variables, so spawned workers, torchrun ranks and SLURM jobs inherit them):
+
+    ABLATE_HEARTBEAT_S        seconds between a running trial's heartbeats (default 10)
+    ABLATE_GRACE_S            heartbeat silence after which a trial is retried elsewhere (default 120)
+    ABLATE_STORAGE_ATTEMPTS   tries to reach the storage before giving up (default 4: 1+2+4 s of waiting)
+    ABLATE_STORAGE_BACKOFF_S  wait after the first failed try, doubled after each (default 1; cap 30)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ablations.errors import SpecError
+
+T = TypeVar("T")
+BACKOFF_CAP_S = 30.0
+# errno values that mean "this directory cannot take our files", not "this trial is broken".
+UNWRITABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+              errno.EDQUOT: "disk quota exceeded"}
+
+
+def env_number(name: str, default: float, *, integer: bool = False) -> float:
+    """A positive number from the environment; a bad value is a one-line SpecError naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        kind = "integer" if integer else "number"
+        raise SpecError(f"must be a positive {kind} (got {raw!r})", source="environment", key=name)
+    return value
+
+
+def heartbeat_s() -> float:
+    return env_number("ABLATE_HEARTBEAT_S", 10.0)
+
+
+def grace_s() -> float:
+    return env_number("ABLATE_GRACE_S", 120.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a storage error may pass by itself (server down or restarting, network, busy SQLite), as
+    opposed to one no retry fixes (no driver, bad URL, wrong password, no such database)."""
+    import sqlalchemy.exc
+
+    if not isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return False
+    text = str(exc).lower()
+    permanent = ("authentication failed", "password", "does not exist", "no such", "permission denied",
+                 "unable to open database file")
+    return not any(p in text for p in permanent)
+
+
+def first_line(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's wrapper and background link."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def with_retries(action: Callable[[], T], what: str, *, attempts: int | None = None,
+                 backoff_s: float | None = None, log: Callable[[str], None] | None = None) -> T:
+    """`action()`, retried with exponential backoff while it fails transiently. The last failure, or the
+    first permanent one, propagates."""
+    attempts = int(attempts or env_number("ABLATE_STORAGE_ATTEMPTS", 4, integer=True))
+    wait = backoff_s if backoff_s is not None else env_number("ABLATE_STORAGE_BACKOFF_S", 1.0)
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as e:
+            if attempt == attempts or not transient(e):
+                raise
+            log(f"warning: {what}: {first_line(e)}; retry {attempt}/{attempts - 1} in {wait:g} s")
+            time.sleep(wait)
+            wait = min(BACKOFF_CAP_S, wait * 2)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def safe_url(url: str) -> str:
+    """The URL as it may be printed: the password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- an unparseable URL holds no password we could find
+        return url
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results directory
+
+
+def unwritable(exc: BaseException) -> str | None:
+    """Why `exc` says the results directory cannot take files (None: some other failure)."""
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
+        return UNWRITABLE[exc.errno]
+    cause = exc.__cause__ or exc.__context__
+    return unwritable(cause) if cause is not None and cause is not exc else None
+
+
+def results_dir_error(path: Path, exc: BaseException) -> SpecError:
+    where = getattr(exc, "filename", None) or path
+    return SpecError(f"cannot write {where}: {unwritable(exc)}; no trial was marked failed (free space or "
+                     "fix permissions, then start the worker again)", source="--results-dir", key=str(path))
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail before claiming any trial when the results directory cannot take a file."""
+    probe = Path(results_dir) / f".write-probe-{os.getpid()}"
+    try:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)  # a few blocks: an exactly-full disk fails here, not mid-epoch
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if unwritable(e) is None:
+            raise
+        raise results_dir_error(Path(results_dir), e) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
