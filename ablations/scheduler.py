@@ -90,9 +90,8 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
 def _check_scale_options(args: argparse.Namespace, workers: int | None = None) -> None:
     if workers is not None and workers <= 0:
         raise SpecError(f"must be a positive integer (got {workers})", source="--workers")
-    if args.nproc_per_node != 1:
-        raise SpecError("multi-GPU trials (torchrun DDP) are not scheduled yet; use one GPU per worker "
-                        "(--workers N --devices cuda:0,...)", source="--nproc-per-node")
+    if args.nproc_per_node < 1:
+        raise SpecError(f"must be a positive integer (got {args.nproc_per_node})", source="--nproc-per-node")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,7 +308,9 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def cli_run(args: argparse.Namespace) -> int:
     _check_scale_options(args, args.workers)
-    devices = resolve_devices(args.devices)
+    from ablations.ddp import device_groups  # --nproc-per-node N: each worker trains on N devices (DDP)
+
+    devices = device_groups(resolve_devices(args.devices), args.nproc_per_node)
     url = studies.storage_url(args.results_dir, args.storage)
     plans = plans_from_args(args)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` requeues trials like Ctrl-C does
@@ -325,9 +326,9 @@ def _existing_storage(args: argparse.Namespace) -> str | None:
 
 def cli_worker(args: argparse.Namespace) -> int:
     _check_scale_options(args)
-    if args.device is not None and "," in args.device:
-        raise SpecError("one device per worker (start one worker per device)", source="--device")
-    device = resolve_devices(args.device)[0] if args.device is not None else None
+    from ablations.ddp import worker_device
+
+    device = worker_device(args.device, args.nproc_per_node, resolve_devices)
     url = _existing_storage(args)
     if url is None:
         raise SpecError("no such database (start the sweep with `ablate run` first)", source="--storage",

@@ -5,6 +5,7 @@ Run directory contract (the scheduler and the analysis read these; keep the name
     config.yaml      the resolved RunConfig (`cfg.to_yaml()`); a rerun must match it
     metrics.csv      epoch, lr, train_loss, val_loss, top1_err, top5_err, epoch_seconds, images_per_s
     checkpoint.pt    after every epoch: model, optimizer, step, epoch, RNG states, metrics so far
+                     (checkpoint.prev.pt: the one before; resuming skips a damaged one: checkpoints.py)
     excitations.npz  the excitation probe (see probe.py)
     final.json       written last: its presence means the trial is complete
 
@@ -37,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ablations import checkpoints
 from ablations.errors import SpecError
-from ablations.runio import save_json_atomic, torch_save_atomic, write_text_atomic
+from ablations.runio import save_json_atomic, write_text_atomic
 from ablations.spec import ROOT, RunConfig, TrainSpec
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "top1_err", "top5_err", "epoch_seconds",
@@ -70,12 +72,8 @@ class Dist:
     def current(cls) -> Dist:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            d = cls(dist.get_rank(), dist.get_world_size())
-            if d.world_size > 1:
-                raise SpecError("one trial on several processes (DDP) is not supported by the trainer yet",
-                                key="--nproc-per-node")
-            return d
+        if dist.is_available() and dist.is_initialized():  # a torchrun rank (ddp.py set the group up)
+            return cls(dist.get_rank(), dist.get_world_size())
         return cls()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -84,6 +82,34 @@ class Dist:
 
             dist.all_reduce(t)
         return t
+
+    def sync_batchnorm(self, model: nn.Module, dev: torch.device) -> nn.Module:
+        """BN statistics over the global batch, as on one device (torch's SyncBatchNorm has no CPU
+        kernels: CPU ranks get ddp.py's equivalent)."""
+        if self.world_size == 1:
+            return model
+        if dev.type == "cpu":
+            from ablations.ddp import sync_batchnorm_cpu
+
+            return sync_batchnorm_cpu(model)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def wrap(self, model: nn.Module, dev: torch.device) -> nn.Module:
+        """The network the training loop steps: DDP (gradients all-reduced in backward) on several ranks."""
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Every rank gets rank 0's BN running statistics, so all ranks evaluate the model rank 0
+        checkpoints (with per-rank BN the last step leaves them slightly apart)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            for b in model.buffers():
+                dist.broadcast(b, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,19 +251,6 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a checkpoint from elsewhere, or a newer torch's
-        raise SpecError(f"unreadable checkpoint ({type(e).__name__}); delete it to start over",
-                        source=str(path)) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SpecError("checkpoint of another format; delete it to start over", source=str(path))
-    return ckpt
-
-
 def versions() -> dict[str, str]:
     import timm
 
@@ -286,8 +299,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
-                amp: Callable[[], Any], bar) -> tuple[int, float, float, float]:
-    """One pass over this rank's shard. Returns (next step, mean train loss, last LR, loop seconds)."""
+                amp: Callable[[], Any], bar, dist: Dist | None = None) -> tuple[int, float, float, float]:
+    """One pass over this rank's shard. Returns (next step, mean train loss over all ranks, last LR,
+    loop seconds)."""
+    dist = dist or Dist()
     spec = cfg.train
     net.train()
     loss_sum = None
@@ -309,9 +324,10 @@ def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         step += 1
         steps += 1
-        if steps % NAN_CHECK_EVERY == 0:
-            _check_finite(loss_sum, epoch, step, lr)
+        if steps % NAN_CHECK_EVERY == 0:  # all-reduced: a rank that stopped alone would hang the others
+            _check_finite(dist.sum(loss_sum.clone()), epoch, step, lr)
         bar.update(1)
+    loss_sum = dist.sum(loss_sum) / dist.world_size
     _check_finite(loss_sum, epoch, step, lr)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
@@ -342,6 +358,10 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
     final_path = out_dir / "final.json"
     if final_path.exists():
         return json.loads(final_path.read_text())
+    if device is not None and "," in device:  # one trial on several devices: torchrun DDP (ddp.py)
+        from ablations.ddp import launch
+
+        return launch(cfg, out_dir, devices=device, data_root=data_root, progress=progress, on_epoch=on_epoch)
     dev = resolve_device(device)
     with torch_settings(cfg.train, dev):
         return _train(cfg, out_dir, dev, dist, data_root, progress, on_epoch)
@@ -362,9 +382,12 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
     cx = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)  # before any training step
-    model = model.to(dev, memory_format=mf)
+    model = dist.sync_batchnorm(model, dev).to(dev, memory_format=mf)
     opt = make_optimizer(model, spec)
-    net = torch.compile(model) if spec.compile else model
+    net = dist.wrap(model, dev)
+    net = torch.compile(net) if spec.compile else net
+    # DDP's forward may talk to the other ranks, and validation shards can differ by one batch.
+    eval_net = net if dist.world_size == 1 else torch.compile(model) if spec.compile else model
 
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec.bf16 else contextlib.nullcontext()
@@ -376,7 +399,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     ckpt_path = out_dir / "checkpoint.pt"
     rows: list[dict[str, Any]] = []
     start, step, train_seconds = 0, 0, 0.0
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = checkpoints.load_latest(out_dir, CHECKPOINT_FORMAT, main=dist.is_main)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -388,8 +411,9 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     for epoch in range(start, spec.epochs):
         t0 = time.perf_counter()
         with _progress(data.steps_per_epoch, f"epoch {epoch + 1}/{spec.epochs}", progress) as bar:
-            step, train_loss, lr, loop_s = train_epoch(net, data, opt, cfg, epoch, step, amp, bar)
-        val_loss, top1, top5 = evaluate(net, data, amp, dist, cfg.backbone.num_classes)
+            step, train_loss, lr, loop_s = train_epoch(net, data, opt, cfg, epoch, step, amp, bar, dist)
+        dist.broadcast_buffers(model)
+        val_loss, top1, top5 = evaluate(eval_net, data, amp, dist, cfg.backbone.num_classes)
         epoch_s = time.perf_counter() - t0
         train_seconds += epoch_s
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
@@ -397,7 +421,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
                "images_per_s": data.images_per_epoch * dist.world_size / loop_s}
         rows.append(row)
         if dist.is_main:
-            torch_save_atomic(ckpt_path, {
+            checkpoints.save(out_dir, {  # keeps the previous one too: checkpoints.py
                 "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step,
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
                 "metrics": rows, "train_seconds": train_seconds,
@@ -424,7 +448,8 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
         "params_m": cx.params_m, "gflops": cx.gflops, "params": cx.params, "macs": cx.macs,
         "train_seconds": train_seconds,
         "images_per_s": len(steady) / sum(1.0 / r["images_per_s"] for r in steady),
-        "epochs": len(rows), "device": str(dev), "versions": versions(), "git_commit": git_commit(),
+        "epochs": len(rows), "device": str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
+        "versions": versions(), "git_commit": git_commit(),
         "sweep": cfg.sweep, "profile": cfg.profile, "setting": cfg.setting, "seed": cfg.seed,
     }
     if dist.is_main:

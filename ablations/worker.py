@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations import studies
+from ablations.errors import SpecError
 from ablations.studies import Plan, grid_lock
 
 POLL_S = 1.0  # idle workers look for requeued trials this often while others still run
@@ -31,11 +32,13 @@ TRAINER = "ablations.train:train"
 Emit = Callable[[dict[str, Any]], None]
 
 
-def load_trainer(path: str = TRAINER) -> tuple[Callable[..., dict], type[BaseException] | tuple[()]]:
-    """`module:function` -> (train function, the module's TrialFailed: an expected, reasoned failure)."""
+def load_trainer(path: str = TRAINER) -> tuple[Callable[..., dict], tuple[type[BaseException], ...]]:
+    """`module:function` -> (train function, the failures that explain themselves in one line: the
+    module's TrialFailed (diverged) and SpecError (e.g. a data root this machine lacks))."""
     module, _, name = path.partition(":")
     mod = importlib.import_module(module)
-    return getattr(mod, name), getattr(mod, "TrialFailed", ())
+    failed = getattr(mod, "TrialFailed", None)
+    return getattr(mod, name), (SpecError,) if failed is None else (failed, SpecError)
 
 
 class Heartbeat:

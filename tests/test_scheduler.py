@@ -54,6 +54,8 @@ def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_e
         time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
         if cfg.setting == os.environ.get("FAKE_NAN_SETTING"):
             raise TrialFailed(f"loss became nan at epoch {epoch}")
+        if cfg.setting == os.environ.get("FAKE_CRASH_SETTING"):
+            raise RuntimeError("a bug in the trainer")
         ckpt.write_text(json.dumps({"epoch": epoch}))
         if on_epoch is not None:
             on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1_err": 50.0 / epoch})
@@ -137,6 +139,7 @@ def results(tmp_path: Path) -> Path:
 def _no_fake_env(monkeypatch):
     monkeypatch.delenv("FAKE_NAN_SETTING", raising=False)
     monkeypatch.delenv("FAKE_EPOCH_S", raising=False)
+    monkeypatch.delenv("FAKE_CRASH_SETTING", raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,6 +322,19 @@ def test_nan_trial_fails_with_reason_rest_completes_exit_1(tmp_path, results, mo
     assert all(t.params["setting"] == "r=8" and "nan" in t.user_attrs["fail_reason"] for t in failed)
     assert len(completes_per_point(study)) == 4
     assert "r=8 seed0: FAIL: loss became nan" in capsys.readouterr().err
+
+
+def test_unexpected_trainer_error_fails_the_trial_with_traceback_and_the_sweep_goes_on(
+        tmp_path, results, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_CRASH_SETTING", "original")
+    monkeypatch.setenv("FAKE_NAN_SETTING", "r=8")
+    assert run_fake(tmp_path, results) == 1
+    study = load(results)
+    reasons = {t.params["setting"]: t.user_attrs["fail_reason"] for t in study.trials if t.state == TrialState.FAIL}
+    assert reasons == {"original": "RuntimeError: a bug in the trainer", "r=8": "loss became nan at epoch 1"}
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 2  # one per crashed trial; none for the expected NaN failures
+    assert len(completes_per_point(study)) == 2
 
 
 def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_path, results):
