@@ -55,10 +55,12 @@ def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_e
 
 
 def write_sweep(directory: Path, settings=None, seeds: int = 2, name: str = "mini") -> Path:
+    settings = SETTINGS if settings is None else settings
+    data = {"description": "scale-out test sweep", "table": 10, "seeds": seeds, "settings": settings}
+    if any(s["label"] == "original" for s in settings):
+        data["reference"] = "original"
     path = Path(directory) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"description": "scale-out test sweep", "table": 10,
-                                    "reference": "original", "seeds": seeds,
-                                    "settings": SETTINGS if settings is None else settings}))
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
