@@ -5,6 +5,7 @@ the result trains, scripts and compiles like any timm model:
 
     position   Bottleneck                                BasicBlock
     standard   block.se: after bn3, before the addition    block.se: after bn2, before the addition
+               (fast path: scaling and addition fused, FusedSEBottleneck / FusedSEBasicBlock)
     pre        before conv1: the unit's input, residual      same, before conv1
                branch only (the shortcut sees the input)
     post       after act3: after addition + final ReLU       after act2
@@ -47,6 +48,39 @@ def se_channels(block: nn.Module, position: str) -> int:
     raise SpecError(f"unknown position {position!r}", key="position")
 
 
+class FusedSEBottleneck(Bottleneck):
+    """timm's Bottleneck with standard SE, scaling and residual addition fused (`SEModule.forward` with a shortcut).
+
+    The fast path of the `standard` position; timm's own forward with `block.se` is the reference
+    it is tested against (same outputs and gradients). Used only without drop-path, which would sit
+    between the scaling and the addition.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(self.se(x, shortcut))
+
+
+class FusedSEBasicBlock(BasicBlock):
+    """timm's BasicBlock with standard SE fused like FusedSEBottleneck."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(self.se(x, shortcut))
+
+
+FUSED = {Bottleneck: FusedSEBottleneck, BasicBlock: FusedSEBasicBlock}
+
+
 def _after(first: nn.Module, se: SEModule) -> nn.Module:
     """`first` then `se`, dropping `first` when it is an Identity placeholder."""
     if isinstance(first, nn.Identity):
@@ -54,10 +88,12 @@ def _after(first: nn.Module, se: SEModule) -> nn.Module:
     return nn.Sequential(OrderedDict(orig=first, se=se))
 
 
-def _insert(block: nn.Module, position: str, se: SEModule) -> None:
+def _insert(block: nn.Module, position: str, se: SEModule, fused: bool) -> None:
     bottleneck = isinstance(block, Bottleneck)
     if position == "standard":
         block.se = se
+        if fused and block.drop_path is None and type(block) in FUSED:
+            block.__class__ = FUSED[type(block)]  # same modules and state dict, fused forward
     elif position == "pre":
         block.conv1 = nn.Sequential(OrderedDict(se=se, conv=block.conv1))
     elif position == "post":
@@ -69,8 +105,12 @@ def _insert(block: nn.Module, position: str, se: SEModule) -> None:
         block.aa = _after(block.aa, se)
 
 
-def patch_se(model: ResNet, se: SESpec) -> ResNet:
-    """Insert SE blocks into `model` in place (and return it), named `SE_<stage>_<block>`."""
+def patch_se(model: ResNet, se: SESpec, fused: bool = True) -> ResNet:
+    """Insert SE blocks into `model` in place (and return it), named `SE_<stage>_<block>`.
+
+    `fused=False` keeps timm's block forwards everywhere: the reference the fast path is tested
+    against.
+    """
     if not isinstance(model, ResNet):
         raise SpecError(f"SE patching needs a timm ResNet-family model, got {type(model).__name__}",
                         key="backbone.arch")
@@ -80,7 +120,7 @@ def patch_se(model: ResNet, se: SESpec) -> ResNet:
         for j, block in enumerate(layer, start=1):
             channels = se_channels(block, se.position)
             module = SEModule(channels, se.reduction, se.squeeze, se.gate, se.bias, name=f"SE_{stage}_{j}")
-            _insert(block, se.position, module)
+            _insert(block, se.position, module, fused)
     return model
 
 
@@ -133,10 +173,10 @@ def build_backbone(spec: BackboneSpec) -> ResNet:
     return model
 
 
-def build_model(backbone: BackboneSpec, se: SESpec | None) -> ResNet:
+def build_model(backbone: BackboneSpec, se: SESpec | None, fused: bool = True) -> ResNet:
     """Backbone + SE (None: no SE). The one factory the trainer, complexity and tests use."""
     model = build_backbone(backbone)
-    return patch_se(model, se) if se is not None else model
+    return patch_se(model, se, fused) if se is not None else model
 
 
 def check_fits(backbone: BackboneSpec, se: SESpec | None) -> None:

@@ -13,6 +13,7 @@ keys (`fc1`, `fc2`) match timm's `seresnet*` and NoSqueeze is the same module ap
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ablations.errors import SpecError
@@ -56,15 +57,29 @@ class SEModule(nn.Module):
         # A module of its own so the excitation s can be read with a forward hook (probe.py).
         self.gate = GATES[gate]()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.squeeze == "avg":
-            z = x.mean((2, 3), keepdim=True)
-        elif self.squeeze == "max":
-            z = x.amax((2, 3), keepdim=True)
-        else:
-            z = x
-        s = self.gate(self.fc2(self.act(self.fc1(z))))
-        return x * s
+    def excite(self, x: torch.Tensor) -> torch.Tensor:
+        """The excitation s: [N, C, 1, 1] (NoSqueeze: [N, C, H, W]), the output of `self.gate`."""
+        if self.squeeze == "none":
+            return self.gate(self.fc2(self.act(self.fc1(x))))
+        z = x.mean((2, 3)) if self.squeeze == "avg" else x.amax((2, 3))
+        # On a pooled vector the 1x1 convs are matrix products: F.linear skips the convolution
+        # machinery (about half the time per FC on CPU), same weights and state-dict keys.
+        h = self.act(F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias))
+        return self.gate(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias)[:, :, None, None])
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """x * s, or with `shortcut`, x * s + shortcut in one pass (the SENet authors' "Axpy" layer).
+
+        The fused form serves the `standard` position's fast path (patch.FusedSEBottleneck). Under
+        autograd it is one addcmul; without (inference) it writes into x, which the caller owns (the
+        residual branch's last BN output), so no new map is allocated.
+        """
+        s = self.excite(x)
+        if shortcut is None:
+            return x * s
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+            return torch.addcmul(shortcut, x, s)
+        return torch.addcmul(shortcut, x, s, out=x)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, C={self.channels}, r={self.reduction}, squeeze={self.squeeze!r}"
@@ -72,7 +87,7 @@ class SEModule(nn.Module):
     def macs_beyond_convs(self, x_shape: torch.Size) -> int:
         """MACs that FLOP counters miss: the squeeze's pooling and the scaling, C*H*W each per image.
 
-        The FCs are convs and are counted by torch's FlopCounterMode.
+        The FCs are matrix products (or 1x1 convs for NoSqueeze), counted by torch's FlopCounterMode.
         """
         n, c, h, w = x_shape
         pooling = 0 if self.squeeze == "none" else c * h * w
