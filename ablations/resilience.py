@@ -14,11 +14,14 @@ Knobs (environment variables, so spawned workers, torchrun ranks and SLURM jobs 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -143,3 +146,39 @@ def check_writable(results_dir: Path) -> None:
             probe.unlink()
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# One trainer per run directory
+
+
+class RunDirBusy(Exception):
+    """Another live process trains in this run directory (a worker presumed dead that is not)."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[None]:
+    """Exclusive use of `run_dir` while a trial trains in it, so a retried trial can never write over
+    a worker that was only presumed dead (stopped, partitioned from the database): the retry waits up
+    to `wait_s` for it, then gives up with RunDirBusy. A flock, so a killed holder releases it at once
+    (on NFS, when its lease expires)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = path.read_text().strip() or "another process"
+                    raise RunDirBusy(f"{run_dir} is in use by {holder}") from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # drops the flock

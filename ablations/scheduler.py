@@ -142,7 +142,7 @@ class Progress:
                 self.print_table(plan)
         self.counts = counts
         self.bar.n = counts["COMPLETE"] + counts["FAIL"]
-        self.bar.set_postfix(done=counts["COMPLETE"], running=counts["RUNNING"], failed=counts["FAIL"])
+        self.bar.set_postfix_str(f"done={counts['COMPLETE']} running={counts['RUNNING']} failed={counts['FAIL']}")
 
     def print_table(self, plan: Plan) -> None:
         try:
@@ -281,6 +281,9 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
 def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], workers: int, *,
         trainer: str = worker.TRAINER, bars: bool | None = None) -> int:
     """Open the studies, queue their grids, train with `workers` workers, print tables; exit status."""
+    from ablations.resilience import check_writable
+
+    check_writable(Path(results_dir))  # a read-only or full results dir: one line, before any study changes
     storage = studies.open_storage(url)
     loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
     with grid_lock(storage):

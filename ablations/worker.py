@@ -7,6 +7,7 @@ process that draws the progress bars, or the bars themselves when it runs in-pro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import math
@@ -23,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations import studies
+from ablations import resilience, studies
 from ablations.errors import SpecError
 from ablations.studies import Plan, grid_lock
 
@@ -68,6 +69,10 @@ class Heartbeat:
         self._thread.join()
 
 
+class ClaimLost(Exception):
+    """This worker's trial was declared dead (heartbeat grace period) and handed to another worker."""
+
+
 def _scalar_attrs(final: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in final.items() if v is None or isinstance(v, (bool, int, float, str))}
 
@@ -86,6 +91,8 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
     first_epoch: list[int] = []
 
     def on_epoch(metrics: dict[str, Any]) -> None:
+        if storage.get_trial(tid).state != TrialState.RUNNING:  # a retry owns the point now: stop here
+            raise ClaimLost(f"trial {trial.number} was declared dead and retried elsewhere")
         epoch = int(metrics.get("epoch", len(first_epoch) + 1))
         if not first_epoch:
             first_epoch.append(epoch)
@@ -95,6 +102,17 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
         if isinstance(err, (int, float)) and math.isfinite(err):
             storage.set_trial_intermediate_value(tid, epoch, float(err))  # the dashboard's learning curves
         emit({**base, "kind": "epoch", "epoch": epoch, "metrics": _scalar_attrs(metrics)})
+
+    def hand_back(reason: str) -> None:
+        """End this attempt without burning the point: FAIL it and queue the point again, so the next
+        worker resumes from the checkpoint."""
+        with grid_lock(storage):
+            if studies.fail(storage, tid, reason):
+                studies.requeue(study, storage.get_trial(tid))
+
+    def end(state: str, reason: str) -> None:
+        emit({**base, "kind": "end", "state": state, "value": None, "reason": reason,
+              "seconds": time.monotonic() - started})
 
     def finish(state: str, value: float | None = None, reason: str | None = None) -> str:
         with grid_lock(storage):
@@ -116,17 +134,29 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
     emit({**base, "kind": "start", "epochs": cfg.train.epochs, "run_dir": str(run_dir)})
     with Heartbeat(storage, tid):
         try:
-            final = train(cfg, run_dir, device=device, data_root=data_root, progress=False, on_epoch=on_epoch)
-        except KeyboardInterrupt:
-            with grid_lock(storage):  # hand the point back at once; the next worker resumes the checkpoint
-                if studies.fail(storage, tid, "interrupted"):
-                    studies.requeue(study, storage.get_trial(tid))
-            emit({**base, "kind": "end", "state": "INTERRUPTED", "value": None, "reason": "interrupted",
-                  "seconds": time.monotonic() - started})
+            # Waits out a worker that was declared dead but still holds the run dir (resilience.py).
+            with resilience.run_dir_lock(run_dir, wait_s=studies.GRACE_S):
+                final = train(cfg, run_dir, device=device, data_root=data_root, progress=False,
+                              on_epoch=on_epoch)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, or SLURM preemption via submitit
+            with contextlib.suppress(Exception):  # the exit must go on even with the storage gone
+                hand_back("interrupted")
+            end("INTERRUPTED", "interrupted")
             raise
+        except ClaimLost as e:
+            end("LOST", str(e))
+            return "LOST"
+        except resilience.RunDirBusy as e:
+            hand_back(f"run dir busy: {e}")
+            end("FAIL", str(e))
+            return "FAIL"
         except expected_failure as e:
             return finish("FAIL", reason=str(e))
         except Exception as e:  # noqa: BLE001 -- one broken trial must not stop the sweep
+            if resilience.unwritable(e) is not None:  # ... but a read-only or full disk stops the worker
+                hand_back(f"results dir not writable: {resilience.unwritable(e)}")
+                end("INTERRUPTED", "results dir not writable")
+                raise resilience.results_dir_error(Path(results_dir), e) from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
     for key, value in _scalar_attrs(final).items():
@@ -153,6 +183,7 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
     Waiting for trials other processes run is deliberate: if one of them dies, its trial is requeued
     (dead pid on this host at once, heartbeat grace period elsewhere) and one of us resumes it.
     """
+    resilience.check_writable(Path(results_dir))  # before claiming anything
     storage = studies.open_storage(url)
     loaded = []
     for name in study_names:

@@ -1,0 +1,205 @@
+"""`ablate launch --slurm`: workers as a SLURM job array through submitit, requeued on preemption.
+
+The launcher does what `ablate run` does before training (validate, create or load the studies, requeue
+what dead workers left, queue the grid) and then submits `--array N` jobs, each one ordinary worker
+(worker.work) on the study's storage: workers on any number of nodes share the study exactly as workers
+on one machine do, through the grid lock of the storage (PostgreSQL for a real cluster).
+
+Preemption and time limits: SLURM signals the job (USR2, `signal_delay_s` before the kill); submitit
+calls `SlurmWorker.checkpoint`, which resubmits the same worker, and requeues the job. The signal arrives
+as SystemExit in the worker, which hands its trial back to the queue (worker.run_trial), so whichever
+worker claims it next, here or on another node, resumes it from the last checkpoint in its run dir.
+`--executor local` runs the same jobs as local processes (submitit's LocalExecutor, which requeues the
+same way): for a single box, and for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ablations.errors import SpecError
+from ablations.spec import ROOT
+
+SIGNAL_DELAY_S = 120  # SLURM's warning before a preemption/time-limit kill: an epoch boundary is not needed
+DEFAULT_TIME_MIN = 24 * 60
+
+
+try:
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError:  # the `scale` extra is not installed: say so when someone launches, not on import
+    Checkpointable, DelayedSubmission = object, None
+
+
+@dataclass
+class SlurmWorker(Checkpointable):
+    """One array task: a worker on `studies` until nothing is queued or running. Picklable by design:
+    submitit ships it to the node and, on preemption, pickles it again as its own requeued job."""
+
+    url: str
+    studies: list[str]
+    results_dir: str
+    device: str | None
+    data_root: str | None = None
+    index: int = 0
+
+    def __call__(self) -> dict[str, int]:
+        import optuna
+
+        from ablations import studies, worker
+
+        started = time.monotonic()
+
+        def emit(ev: dict[str, Any]) -> None:  # one line per finished trial in the job's log
+            if ev["kind"] == "end":
+                print(f"[worker {self.index}] {ev['study']} {ev['setting']} seed{ev['seed']}: {ev['state']} "
+                      f"{ev.get('value') if ev['state'] == 'COMPLETE' else ev.get('reason') or ''} "
+                      f"({ev['seconds']:.0f} s)", flush=True)
+            elif ev["kind"] == "log":
+                print(ev["text"].rstrip(), file=sys.stderr, flush=True)
+
+        print(f"[worker {self.index}] on {self.device or 'the default device'}: {', '.join(self.studies)}",
+              flush=True)
+        worker.work(self.url, self.studies, results_dir=self.results_dir, device=self.device,
+                    data_root=self.data_root, emit=emit)
+        storage = studies.open_storage(self.url)
+        counts: dict[str, int] = {}
+        for name in self.studies:
+            study = optuna.load_study(study_name=name, storage=storage)
+            plan = studies.plan_from_attrs(name, study.user_attrs)
+            for state in studies.point_states(study.get_trials(deepcopy=False), plan.grid()).values():
+                counts[state] = counts.get(state, 0) + 1
+        print(f"[worker {self.index}] done after {time.monotonic() - started:.0f} s: {counts}", flush=True)
+        return counts
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        # The trial's own state is its run dir's checkpoint; the worker's state is its arguments.
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def task_device(gpus_per_node: int) -> str:
+    """What each array task trains on: its node's GPUs as one DDP group (SLURM numbers the ones it
+    granted from cuda:0), one GPU, or the CPU."""
+    if gpus_per_node <= 0:
+        return "cpu"
+    return ",".join(f"cuda:{i}" for i in range(gpus_per_node))
+
+
+def make_executor(kind: str, folder: Path, *, array: int, name: str, time_min: int, gpus_per_node: int,
+                  partition: str | None = None, cpus_per_task: int | None = None,
+                  mem_gb: float | None = None) -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise SpecError("needs submitit (pip install -e '.[scale]')", source="--slurm") from None
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
+    except RuntimeError as e:  # SlurmExecutor: "Could not detect srun"
+        raise SpecError(f"no SLURM on this machine ({e}); --executor local runs the workers here",
+                        source="--executor", key=kind) from None
+    # The jobs import this checkout (shared file system), installed or not.
+    setup = [f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    params: dict[str, Any] = {
+        "name": name, "timeout_min": time_min, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus_per_node,
+        "slurm_array_parallelism": array, "slurm_signal_delay_s": SIGNAL_DELAY_S,
+        # Preemption requeues through `scontrol requeue`, which SLURM allows only for requeueable jobs.
+        "slurm_additional_parameters": {"requeue": True}, "slurm_setup": setup, "local_setup": setup,
+    }
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(executor: Any, workers: list[SlurmWorker]) -> list[Any]:
+    """Submit the workers together: on SLURM one job array."""
+    with executor.batch():
+        jobs = [executor.submit(w) for w in workers]
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# ablate launch
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not args.slurm:
+        raise SpecError("SLURM is the only launcher: add --slurm (--executor local runs its jobs here)",
+                        source="launch")
+    for option, value, least in (("--array", args.array, 1), ("--time", args.time, 1),
+                                 ("--gpus-per-node", args.gpus_per_node, 0)):
+        if value < least:
+            raise SpecError(f"must be at least {least} (got {value})", source=option)
+    if not args.sweeps and not args.study:
+        raise SpecError("name the work: sweep files to queue, or --study NAME of an existing study",
+                        source="launch")
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Open the storage, create/load the studies, recover and queue their grids (as `ablate run` does).
+    Returns (storage URL, study names)."""
+    import optuna
+
+    from ablations import studies
+    from ablations.scheduler import plans_from_args
+
+    results_dir = Path(args.results_dir).resolve()  # jobs may start elsewhere
+    url = studies.storage_url(results_dir, args.storage)
+    if studies.sqlite_path(url) is not None and args.executor == "slurm":
+        raise SpecError("SQLite cannot be shared by workers on several nodes (its locks do not hold on "
+                        "network file systems); use postgresql://user@host/db", source="--storage", key=url)
+    plans = plans_from_args(args) if args.sweeps else []
+    storage = studies.open_storage(url)
+    loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
+    for name in args.study:
+        if any(s.study_name == name for s, _ in loaded):
+            continue
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            have = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
+            raise SpecError(f"no such study in {studies.safe_url(url)} (have: {have})", source="--study",
+                            key=name) from None
+        loaded.append((study, studies.plan_from_attrs(name, study.user_attrs, args.data_root)))
+    with studies.grid_lock(storage):
+        for study, plan in loaded:
+            studies.recover(storage, study)
+            studies.enqueue_missing(study, plan)
+    return url, [study.study_name for study, _ in loaded]
+
+
+def cli_launch(args: argparse.Namespace) -> int:
+    _check(args)
+    url, names = prepare(args)
+    results_dir = Path(args.results_dir).resolve()
+    folder = Path(args.logs).resolve() if args.logs else results_dir / "launch"
+    name = f"ablate-{names[0]}" if len(names) == 1 else f"ablate-{len(names)}-studies"
+    executor = make_executor(args.executor, folder, array=args.array, name=name, time_min=args.time,
+                             gpus_per_node=args.gpus_per_node, partition=args.partition,
+                             cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+    workers = [SlurmWorker(url, names, str(results_dir), task_device(args.gpus_per_node), args.data_root, i)
+               for i in range(args.array)]
+    jobs = submit(executor, workers)
+    print(f"submitted {len(jobs)} worker(s) for {', '.join(names)} ({args.executor}): "
+          f"{', '.join(j.job_id for j in jobs)}; logs in {folder}")
+    if not args.wait:
+        return 0
+    status = 0
+    for job in jobs:
+        try:
+            counts = job.result()
+        except Exception as e:  # noqa: BLE001 -- submitit re-raises the job's failure; report, don't crash
+            print(f"worker job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+            status = 1
+            continue
+        if counts.get("FAIL") or counts.get("MISSING"):
+            status = 1
+    return status
