@@ -144,17 +144,60 @@ def lr_at(step: int, spec: TrainSpec, steps_per_epoch: int) -> float:
     return spec.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.SGD:
+def _flatten(params: list[nn.Parameter]) -> torch.Tensor:
+    """Move `params` and their gradients into one flat buffer each; the parameters become views.
+
+    Returns the flat parameter buffer, its `.grad` the flat gradient buffer.
+    """
+    first = params[0]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    grad = torch.zeros_like(flat)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+                p.data = p.data.contiguous()
+            # Same strides as the parameter (channels_last stays channels_last), same n elements.
+            view = flat.as_strided(p.shape, p.stride(), offset)
+            view.copy_(p)
+            p.data = view
+            p.grad = grad.as_strided(p.shape, p.stride(), offset)
+            offset += p.numel()
+    flat.grad = grad
+    return flat
+
+
+class FlatSGD(torch.optim.SGD):
+    """torch's SGD on one flat buffer per parameter group instead of one tensor per parameter.
+
+    A ResNet-50-topology model has ~160 parameter tensors; on a CPU the per-tensor loop of SGD's
+    update costs about as much as 5% of a small model's forward+backward. On flat buffers the update
+    is a few element-wise ops, bit-identical to per-tensor SGD. Backward accumulates straight into
+    the flat gradient buffer, because every parameter's `.grad` is a view of it: gradients must
+    therefore be zeroed in place (this class's `zero_grad`), never set to None (`model.zero_grad()`
+    would unhook them).
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], **kwargs: Any):
+        flat = [{**g, "params": [_flatten(list(g["params"]))]} for g in groups if g["params"]]
+        super().__init__(flat, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # in place whatever set_to_none says
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.zero_()
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> FlatSGD:
+    """SGD with weight decay on the weights (and, unless wd_skip_bn_bias is off, not on BN
+    parameters and biases: the 1-D ones). Call after moving the model to its device and format."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            # BN weights/biases and conv/FC biases are the 1-D parameters.
             (no_decay if spec.wd_skip_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum,
-                           nesterov=spec.nesterov and spec.momentum > 0)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return FlatSGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0)
 
 
 @contextlib.contextmanager
@@ -317,7 +360,7 @@ def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig
                 g["lr"] = lr
         with amp():
             loss = F.cross_entropy(net(x), y, label_smoothing=spec.label_smoothing)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
         # Accumulated on the device; read back only every NAN_CHECK_EVERY steps.
@@ -363,6 +406,9 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
 
         return launch(cfg, out_dir, devices=device, data_root=data_root, progress=progress, on_epoch=on_epoch)
     dev = resolve_device(device)
+    if dist.is_main:
+        for stale in out_dir.glob(".*.tmp"):  # a write that a kill cut short (runio's temp files)
+            stale.unlink(missing_ok=True)
     with torch_settings(cfg.train, dev):
         return _train(cfg, out_dir, dev, dist, data_root, progress, on_epoch)
 

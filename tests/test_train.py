@@ -87,14 +87,41 @@ def test_lr_step_and_constant():
 
 def test_weight_decay_skips_bn_and_bias():
     model = build_model(tiny_cfg().backbone, SESpec(bias=True))
+    params = list(model.parameters())
     opt = make_optimizer(model, TrainSpec(weight_decay=1e-4, nesterov=True))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["nesterov"] is True
-    everything = make_optimizer(model, TrainSpec(wd_skip_bn_bias=False))
+    assert decay["params"][0].numel() == sum(p.numel() for p in params if p.ndim > 1)
+    assert no_decay["params"][0].numel() == sum(p.numel() for p in params if p.ndim == 1)
+    everything = make_optimizer(build_model(tiny_cfg().backbone, None), TrainSpec(wd_skip_bn_bias=False))
     assert len(everything.param_groups) == 1
+
+
+def test_flat_sgd_is_bit_identical_to_torch_sgd():
+    spec = TrainSpec(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    models = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg().backbone, SESpec()).to(memory_format=torch.channels_last)
+        if flat:
+            opt = make_optimizer(model, spec)
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
+                      {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+            opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        models.append(model)
+    plain, flat = models
+    for (name, a), b in zip(plain.named_parameters(), flat.parameters()):
+        assert torch.equal(a, b), name
+    conv = flat.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # the layout survives flattening
+    assert conv.grad is not None and conv.grad.abs().sum() > 0  # grads are views of the flat buffer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +130,7 @@ def test_weight_decay_skips_bn_and_bias():
 
 def test_run_directory_contract(tmp_path):
     cfg = tiny_cfg()
+    (tmp_path / ".checkpoint.pt.cut-short.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     seen = []
     final = train(cfg, tmp_path, progress=False, on_epoch=seen.append)
     assert set(final) == FINAL_KEYS
@@ -127,7 +155,9 @@ def test_run_directory_contract(tmp_path):
         assert z["blocks"].tolist() == ["SE_2_1", "SE_3_1", "SE_4_1", "SE_5_1"]
         assert z["classes"].tolist() == [0, 1, 2, 3] and z["counts"].tolist() == [4, 4, 4, 4]
         assert z["SE_5_1.mean"].shape == (4, 64)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.pt", "config.yaml", "excitations.npz", "final.json", "metrics.csv"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temp files, stale or new
 
 
 def test_rerun_of_finished_trial_returns_final_without_training(tmp_path):
