@@ -122,10 +122,19 @@ def unwritable(exc: BaseException) -> str | None:
     return unwritable(cause) if cause is not None and cause is not exc else None
 
 
-def results_dir_error(path: Path, exc: BaseException) -> SpecError:
-    where = getattr(exc, "filename", None) or path
-    return SpecError(f"cannot write {where}: {unwritable(exc)}; no trial was marked failed (free space or "
-                     "fix permissions, then start the worker again)", source="--results-dir", key=str(path))
+def results_dir_error(path: Path, exc: BaseException, outcome: str) -> SpecError:
+    """One line for a results directory that cannot take a file: which file, why, what became of the work."""
+    os_error = _oserror(exc)
+    where = os_error.filename if os_error is not None and os_error.filename else None
+    what = f"cannot write {where}" if where and str(where) != str(path) else "cannot write files there"
+    return SpecError(f"{what}: {unwritable(exc)}; {outcome} (free space or fix permissions, then start "
+                     "again)", source="--results-dir", key=str(path))
+
+
+def _oserror(exc: BaseException | None) -> OSError | None:
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def check_writable(results_dir: Path) -> None:
@@ -140,7 +149,8 @@ def check_writable(results_dir: Path) -> None:
     except OSError as e:
         if unwritable(e) is None:
             raise
-        raise results_dir_error(Path(results_dir), e) from None
+        e.filename = None  # not our probe's name: the directory is what the user must fix
+        raise results_dir_error(Path(results_dir), e, "no trial was claimed") from None
     finally:
         try:
             probe.unlink()

@@ -156,7 +156,7 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
             if resilience.unwritable(e) is not None:  # ... but a read-only or full disk stops the worker
                 hand_back(f"results dir not writable: {resilience.unwritable(e)}")
                 end("INTERRUPTED", "results dir not writable")
-                raise resilience.results_dir_error(Path(results_dir), e) from None
+                raise resilience.results_dir_error(Path(results_dir), e, "the trial was queued again") from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
     for key, value in _scalar_attrs(final).items():

@@ -135,3 +135,14 @@ def hold_grid_lock(url: str, seconds: float, stamps) -> None:
         stamps.put(("held", time.time()))
         time.sleep(seconds)
         stamps.put(("released", time.time()))
+
+
+def work_in_process(url: str, results: str, epoch_s: str = "0") -> None:
+    """Spawn target: one worker (fake trainer) on every study in `url`, until nothing is left to do.
+    ABLATE_* knobs must be in the parent's environment before the start: studies.py reads them on import."""
+    os.environ["FAKE_EPOCH_S"] = epoch_s
+    from ablations import worker
+
+    names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    worker.work(url, names, results_dir=results, device="cpu", data_root=None, emit=lambda ev: None,
+                trainer=FAKE)
