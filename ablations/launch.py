@@ -178,13 +178,14 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def cli_launch(args: argparse.Namespace) -> int:
     _check(args)
-    url, names = prepare(args)
     results_dir = Path(args.results_dir).resolve()
     folder = Path(args.logs).resolve() if args.logs else results_dir / "launch"
-    name = f"ablate-{names[0]}" if len(names) == 1 else f"ablate-{len(names)}-studies"
-    executor = make_executor(args.executor, folder, array=args.array, name=name, time_min=args.time,
+    # Before touching the storage: no SLURM here is the first thing to know.
+    executor = make_executor(args.executor, folder, array=args.array, name="ablate", time_min=args.time,
                              gpus_per_node=args.gpus_per_node, partition=args.partition,
                              cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+    url, names = prepare(args)
+    executor.update_parameters(name=f"ablate-{names[0]}" if len(names) == 1 else f"ablate-{len(names)}-studies")
     workers = [SlurmWorker(url, names, str(results_dir), task_device(args.gpus_per_node), args.data_root, i)
                for i in range(args.array)]
     jobs = submit(executor, workers)

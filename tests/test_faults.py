@@ -297,8 +297,8 @@ def test_full_results_dir_mid_trial_hands_the_trial_back_and_a_rerun_completes(t
                        overrides=[*TINY, "train.epochs=1"])
     create_study(url, plans)
     results = tmp_path / "results"
-    # 512 kB: room for config.yaml and the lock, not for a checkpoint (about 1.2 MB).
-    with tmpfs(results, "size=512k"):
+    # 256 kB: room for config.yaml and the lock, not for a checkpoint (over 1 MB).
+    with tmpfs(results, "size=256k"):
         proc = ablate("worker", "--study", "mini-quick", "--storage", url, "--results-dir", str(results))
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2

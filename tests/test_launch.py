@@ -83,7 +83,7 @@ def test_slurm_job_array_has_the_requested_resources_and_requeues(tmp_path, fake
     (["launch", "--slurm", "mini"], "SQLite cannot be shared by workers on several nodes"),
     (["launch", "--slurm", "--executor", "local", "--study", "nope-quick"], "--study: nope-quick: no such study"),
 ])
-def test_bad_launches_are_one_line_exit_2(argv, expected, tmp_path, capsys, monkeypatch):
+def test_bad_launches_are_one_line_exit_2(argv, expected, tmp_path, capsys, monkeypatch, fake_slurm):
     monkeypatch.chdir(tmp_path)
     write_sweep(tmp_path, settings=ONE_SETTING)
     argv = [str(tmp_path / "mini.yaml") if a == "mini" else a for a in argv]
