@@ -189,13 +189,18 @@ class FlatSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the closure computes the gradients: before they are gathered
+            with torch.enable_grad():
+                loss = closure()
         for params, views in self._members:
             for p, view in zip(params, views):
                 if p.grad is None:  # unused in this step's graph. (torch's SGD would skip it; here
                     view.zero_()    # decay and momentum still apply. ResNets use every parameter.)
                 else:
                     view.copy_(p.grad)
-        return super().step(closure)
+        super().step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for params, _ in self._members:

@@ -111,10 +111,18 @@ def test_flat_sgd_is_bit_identical_to_torch_sgd():
             groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
                       {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
             opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
-        for _ in range(3):
+        for _ in range(2):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        assert opt.step(closure) > 0
         models.append(model)
     plain, flat = models
     for (name, a), b in zip(plain.named_parameters(), flat.parameters()):
