@@ -67,7 +67,13 @@ def transient(exc: BaseException) -> bool:
     opposed to one no retry fixes (no driver, bad URL, wrong password, no such database)."""
     import sqlalchemy.exc
 
-    if not isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+    # Optuna wraps a failed commit in StorageInternalError: the driver's error is further down the chain.
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and not isinstance(
+            exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    if exc is None or id(exc) in seen:
         return False
     text = str(exc).lower()
     permanent = ("authentication failed", "password", "does not exist", "no such", "permission denied",
@@ -76,7 +82,9 @@ def transient(exc: BaseException) -> bool:
 
 
 def first_line(exc: BaseException) -> str:
-    """The driver's message without SQLAlchemy's wrapper and background link."""
+    """The driver's message without SQLAlchemy's (or Optuna's) wrapper and background link."""
+    while getattr(exc, "orig", None) is None and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
@@ -192,3 +200,16 @@ def run_dir_lock(run_dir: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[
         yield
     finally:
         os.close(fd)  # drops the flock
+
+
+def storage_call(action: Callable[[], T], url: str) -> T:
+    """`action()` on a storage a worker already uses, retried with backoff while it is unreachable (a
+    database restart, a network blip); still unreachable after that: a one-line SpecError, and the
+    worker stops (its trial is retried elsewhere after the grace period)."""
+    shown = safe_url(url)
+    try:
+        return with_retries(action, f"storage {shown}")
+    except Exception as e:
+        if not transient(e):
+            raise
+        raise SpecError(f"lost the storage: {first_line(e)}", source="--storage", key=shown) from None

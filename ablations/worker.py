@@ -88,49 +88,66 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
     run_dir = plan.run_dir(results_dir, label, seed).resolve()
     base = {"worker": worker, "study": study.study_name, "number": trial.number, "setting": label, "seed": seed}
     started = time.monotonic()
-    first_epoch: list[int] = []
+    epochs_seen: list[int] = []
 
     def on_epoch(metrics: dict[str, Any]) -> None:
-        if storage.get_trial(tid).state != TrialState.RUNNING:  # a retry owns the point now: stop here
-            raise ClaimLost(f"trial {trial.number} was declared dead and retried elsewhere")
-        epoch = int(metrics.get("epoch", len(first_epoch) + 1))
-        if not first_epoch:
-            first_epoch.append(epoch)
-            if epoch > 1:  # the trainer picked up a checkpoint: evidence that a retry resumed
+        epoch = int(metrics.get("epoch", len(epochs_seen) + 1))
+        try:  # nothing here is worth stopping the training for while the storage is away a moment
+            lost = storage.get_trial(tid).state != TrialState.RUNNING
+            if not epochs_seen and epoch > 1:  # the trainer picked up a checkpoint: a retry resumed
                 storage.set_trial_user_attr(tid, "resumed_epochs", epoch - 1)
-        err = metrics.get("val_top1_err", metrics.get("top1_err"))
-        if isinstance(err, (int, float)) and math.isfinite(err):
-            storage.set_trial_intermediate_value(tid, epoch, float(err))  # the dashboard's learning curves
+            err = metrics.get("val_top1_err", metrics.get("top1_err"))
+            if isinstance(err, (int, float)) and math.isfinite(err):
+                storage.set_trial_intermediate_value(tid, epoch, float(err))  # the dashboard's curves
+        except Exception as e:
+            if not resilience.transient(e):
+                raise
+            lost = False  # checked again next epoch
+            emit({**base, "kind": "log", "text": f"warning: storage unreachable after epoch {epoch} "
+                                                 f"({resilience.first_line(e)}); training on"})
+        if lost:  # a retry owns the point now: stop before writing anything more
+            raise ClaimLost(f"trial {trial.number} was declared dead and retried elsewhere")
+        epochs_seen.append(epoch)
         emit({**base, "kind": "epoch", "epoch": epoch, "metrics": _scalar_attrs(metrics)})
 
     def hand_back(reason: str) -> None:
         """End this attempt without burning the point: FAIL it and queue the point again, so the next
         worker resumes from the checkpoint."""
-        with grid_lock(storage):
-            if studies.fail(storage, tid, reason):
-                studies.requeue(study, storage.get_trial(tid))
+        def give_back() -> None:
+            with grid_lock(storage):
+                if studies.fail(storage, tid, reason):
+                    studies.requeue(study, storage.get_trial(tid))
+
+        resilience.storage_call(give_back, storage.url)
 
     def end(state: str, reason: str) -> None:
         emit({**base, "kind": "end", "state": state, "value": None, "reason": reason,
               "seconds": time.monotonic() - started})
 
     def finish(state: str, value: float | None = None, reason: str | None = None) -> str:
-        with grid_lock(storage):
-            if state == "COMPLETE":
-                try:
-                    storage.set_trial_state_values(tid, TrialState.COMPLETE, [value])
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    state = "LOST"  # declared dead meanwhile; its retry finds final.json and finishes at once
-            elif not studies.fail(storage, tid, reason or "unknown"):
-                state = "LOST"
+        def tell() -> str:
+            with grid_lock(storage):
+                if state == "COMPLETE":
+                    try:
+                        storage.set_trial_state_values(tid, TrialState.COMPLETE, [value])
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        return "LOST"  # declared dead meanwhile; its retry finds final.json and finishes at once
+                elif not studies.fail(storage, tid, reason or "unknown"):
+                    return "LOST"
+            return state
+
+        state = resilience.storage_call(tell, storage.url)  # a trained trial waits out a database restart
         emit({**base, "kind": "end", "state": state, "value": value, "reason": reason,
               "seconds": time.monotonic() - started})
         return state
 
-    with grid_lock(storage):  # attrs before the first heartbeat: `recover` keys on them
-        for key, value in {**studies.worker_identity(), "device": device or "auto", "run_dir": str(run_dir),
-                           "sweep": plan.sweep.name, "profile": plan.profile.name}.items():
-            storage.set_trial_user_attr(tid, key, value)
+    def identify() -> None:
+        with grid_lock(storage):  # attrs before the first heartbeat: `recover` keys on them
+            for key, value in {**studies.worker_identity(), "device": device or "auto", "run_dir": str(run_dir),
+                               "sweep": plan.sweep.name, "profile": plan.profile.name}.items():
+                storage.set_trial_user_attr(tid, key, value)
+
+    resilience.storage_call(identify, storage.url)
     emit({**base, "kind": "start", "epochs": cfg.train.epochs, "run_dir": str(run_dir)})
     with Heartbeat(storage, tid):
         try:
@@ -159,8 +176,11 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
                 raise resilience.results_dir_error(Path(results_dir), e, "the trial was queued again") from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
-    for key, value in _scalar_attrs(final).items():
-        storage.set_trial_user_attr(tid, key, value)
+    def record() -> None:
+        for key, value in _scalar_attrs(final).items():
+            storage.set_trial_user_attr(tid, key, value)
+
+    resilience.storage_call(record, storage.url)
     value = final.get("top1_err")
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return finish("FAIL", reason=f"final top1_err is {value!r}")
@@ -193,9 +213,12 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
     while True:
         claimed = None
         for study, plan in loaded:
-            with grid_lock(storage):
-                studies.recover(storage, study)
-                trial = studies.pop_waiting(storage, study)
+            def claim(study: optuna.Study = study) -> FrozenTrial | None:
+                with grid_lock(storage):
+                    studies.recover(storage, study)
+                    return studies.pop_waiting(storage, study)
+
+            trial = resilience.storage_call(claim, url)
             if trial is not None:
                 claimed = (study, plan, trial)
                 break
@@ -203,7 +226,7 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
             study, plan, trial = claimed
             run_trial(storage, study, plan, trial, results_dir=results_dir, device=device,
                       data_root=plan.data_root, emit=emit, trainer=trainer, worker=worker)
-        elif _has_work(loaded):
+        elif resilience.storage_call(lambda: _has_work(loaded), url):
             time.sleep(POLL_S)
         else:
             return

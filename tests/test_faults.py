@@ -5,7 +5,8 @@
   period; if it wakes up, it stops at its next epoch and never writes over the retry;
 - truncated or corrupt checkpoints -> resume from the previous good one, or restart, with a warning;
 - read-only or full results dir -> one line, exit 2, every point still WAITING or COMPLETE;
-- unreachable storage -> retries with backoff, then exit 2 with one line.
+- unreachable storage -> retries with backoff, then exit 2 with one line; a database restart mid-run is
+  waited out.
 
 The scheduler-level cases use the fake trainer (scale_helpers) in spawned worker processes, so a test
 takes seconds; the disk-full and PostgreSQL kill -9 cases run the real trainer through `ablate worker`.
@@ -339,6 +340,28 @@ def test_unreachable_storage_retries_with_backoff_then_one_line_exit_2():
     retries = [x for x in err.splitlines() if x.startswith("warning: storage")]
     assert [r.rsplit("retry ", 1)[1] for r in retries] == ["1/2 in 0.5 s", "2/2 in 1 s"]  # doubling backoff
     assert elapsed >= 1.5
+
+
+def test_worker_rides_out_a_database_restart(tmp_path, pg_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ABLATE_STORAGE_ATTEMPTS", "8")
+    monkeypatch.setenv("ABLATE_STORAGE_BACKOFF_S", "0.5")
+    url = studies.storage_url(".", pg_server.create_database())
+    results = tmp_path / "results"
+    plans = make_plans(write_sweep(tmp_path, seeds=2), overrides=["train.epochs=2"])
+    create_study(url, plans)
+    w = spawn_worker(url, results, "0.5")
+    wait_for(lambda: load(url).get_trials(states=(TrialState.COMPLETE,)), 60, "a first trial to complete")
+    pg_server.stop("fast")  # every connection dropped, mid-trial
+    try:
+        time.sleep(3)
+        assert w.is_alive()  # waiting, not dead
+    finally:
+        pg_server.start()
+    w.join(120)
+    assert w.exitcode == 0
+    study = load(url)
+    assert completes_per_point(study) == {p: 1 for p in plans[0].grid()}
+    assert len(study.trials) == len(plans[0].grid())  # no attempt was lost or retried
 
 
 def test_bad_knob_in_the_environment_is_one_line():
