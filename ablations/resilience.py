@@ -32,7 +32,7 @@ BACKOFF_CAP_S = 30.0
 # errno values that mean "this directory cannot take our files", not "this trial is broken".
 UNWRITABLE = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
-              errno.EDQUOT: "disk quota exceeded"}
+              errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file size limit exceeded"}
 
 
 def env_number(name: str, default: float, *, integer: bool = False) -> float:

@@ -18,9 +18,11 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,11 +31,13 @@ import torch
 from optuna.trial import TrialState
 from pg_server import pg_server  # noqa: F401 -- fixture
 from scale_helpers import (
+    ROOT,
     TINY,
     ablate,
     calls,
     completes_per_point,
     create_study,
+    env,
     load,
     make_plans,
     wait_for,
@@ -265,12 +269,12 @@ def test_sweep_with_a_corrupt_checkpoint_completes_instead_of_failing(tmp_path, 
 
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str):
-    """A real small or read-only file system at `path` (needs root with mount rights, as in CI)."""
+    """A real small or read-only file system at `path`; None where this process may not mount one."""
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); the results-dir faults "
-                    "need one to be real")
+        yield None
+        return
     try:
         yield path
     finally:
@@ -281,35 +285,52 @@ def test_read_only_results_dir_is_one_line_and_claims_nothing(tmp_path):
     url = studies.storage_url(tmp_path / "db", None)
     plans = make_plans(write_sweep(tmp_path, seeds=1))
     create_study(url, plans)
-    with tmpfs(tmp_path / "results", "ro,size=1m") as results:
+    results = tmp_path / "results"
+    with tmpfs(results, "ro,size=1m") as mounted:
+        if mounted is None:  # no mount rights: permissions make it read-only, unless root ignores them
+            if os.geteuid() == 0:
+                pytest.skip("root without mount rights: neither a read-only tmpfs nor permissions bind it")
+            results.chmod(0o555)
         proc = ablate("worker", "--study", "mini-quick", "--storage", url, "--results-dir", str(results))
         _, err = proc.communicate(timeout=300)
+    why = "read-only file system" if mounted else "permission denied"
     assert proc.returncode == 2
-    line = one_error_line(err)
-    assert line == (f"error: --results-dir: {results}: cannot write files there: read-only file system; no "
-                    "trial was claimed (free space or fix permissions, then start again)")
+    assert one_error_line(err) == (f"error: --results-dir: {results}: cannot write files there: {why}; no "
+                                   "trial was claimed (free space or fix permissions, then start again)")
     assert states(url) == {"WAITING"} and len(load(url).trials) == 3  # untouched
 
 
+def _limit_file_size(limit: int):
+    def preexec() -> None:  # a full disk's twin: writes past `limit` bytes fail (EFBIG); CPython ignores SIGXFSZ
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
 @pytest.mark.slow
-def test_full_results_dir_mid_trial_hands_the_trial_back_and_a_rerun_completes(tmp_path):
-    url = studies.storage_url(tmp_path / "db", None)
-    plans = make_plans(write_sweep(tmp_path, settings=[{"label": "r=16", "reduction": 16}], seeds=2),
-                       overrides=[*TINY, "train.epochs=1"])
-    create_study(url, plans)
+def test_full_results_dir_mid_trial_hands_the_trial_back_and_a_rerun_completes(tmp_path, request):
     results = tmp_path / "results"
-    # 256 kB: room for config.yaml and the lock, not for a checkpoint (over 1 MB).
-    with tmpfs(results, "size=256k"):
-        proc = ablate("worker", "--study", "mini-quick", "--storage", url, "--results-dir", str(results))
+    with tmpfs(results, "size=256k") as mounted:  # room for config.yaml and the lock, not a checkpoint (1.2 MB)
+        if mounted is not None:
+            url, popen, why = studies.storage_url(tmp_path / "db", None), {}, "no space left on device"
+        else:  # no mount rights: a file-size limit instead, with the storage off this machine's files
+            url = studies.storage_url(".", request.getfixturevalue("pg_server").create_database())
+            popen, why = {"preexec_fn": _limit_file_size(768 * 1024)}, "file size limit exceeded"
+        plans = make_plans(write_sweep(tmp_path, settings=[{"label": "r=16", "reduction": 16}], seeds=2),
+                           overrides=[*TINY, "train.epochs=1"])
+        create_study(url, plans)
+        proc = subprocess.Popen([sys.executable, "-m", "ablations", "worker", "--study", "mini-quick", "--storage",
+                                 url, "--results-dir", str(results)], cwd=ROOT, env=env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     line = one_error_line(err)
-    assert line.startswith(f"error: --results-dir: {results}: cannot write files there: no space left on device; "
+    assert line.startswith(f"error: --results-dir: {results}: cannot write files there: {why}; "
                            "the trial was queued again")
     study = load(url)
     assert states(url) == {"WAITING"}  # the point handed back, the other never claimed
     (first,) = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert first.user_attrs["fail_reason"] == "results dir not writable: no space left on device"
+    assert first.user_attrs["fail_reason"] == f"results dir not writable: {why}"
     # Space again (the tmpfs is gone): a worker finishes the study, each point once.
     worker.work(url, ["mini-quick"], results_dir=results, device="cpu", data_root=None, emit=lambda ev: None)
     assert completes_per_point(load(url)) == {("r=16", 0): 1, ("r=16", 1): 1}
