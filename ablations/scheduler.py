@@ -262,7 +262,8 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
                 progress.log(f"worker {w} ({devices[w % len(devices)]}) died (exit code {p.exitcode})")
                 with grid_lock(storage):
                     requeued = [n for s, _ in progress.loaded for n in studies.recover(storage, s)]
-                if requeued and respawns < 2 * workers:
+                # Exit status 2: it stopped on a machine problem it reported; a new one would stop too.
+                if requeued and respawns < 2 * workers and p.exitcode != 2:
                     respawns += 1
                     procs[w] = start(w)
         drain(0.1)

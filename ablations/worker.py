@@ -265,5 +265,8 @@ def process_main(url: str, study_names: list[str], results_dir: str, device: str
              emit=queue.put, trainer=trainer, worker=worker)
     except KeyboardInterrupt:
         pass
+    except SpecError as e:  # the machine, not a trial (results dir full, storage gone): one line, exit 2
+        queue.put({"kind": "log", "text": f"error: {e}", "worker": worker})
+        sys.exit(2)
     finally:
         queue.put({"kind": "exit", "worker": worker})
