@@ -49,7 +49,7 @@ def test_three_runs_at_once_complete_every_point_exactly_once(tmp_path, pg_url):
     ctx = mp.get_context("spawn")
     results = tmp_path / "results"
     # Started together: each creates-or-loads the study and queues the grid under the advisory lock.
-    procs = [ctx.Process(target=run_sweep_in_process, args=(plans, url, str(results), "0.05")) for _ in range(3)]
+    procs = [ctx.Process(target=run_sweep_in_process, args=(plans, url, str(results), "0.3")) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
