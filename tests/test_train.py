@@ -170,6 +170,22 @@ def test_run_directory_contract(tmp_path):
     assert not [n for n in names if n.startswith(".")]  # no temp files, stale or new
 
 
+def test_atomic_write_failing_midway_keeps_the_old_file(tmp_path):
+    from ablations.runio import torch_save_atomic, write_bytes_with
+
+    target = tmp_path / "checkpoint.pt"
+    torch_save_atomic(target, {"epoch": 1})
+
+    def dies_halfway(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_with(target, dies_halfway)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_rerun_of_finished_trial_returns_final_without_training(tmp_path):
     first = train(tiny_cfg(), tmp_path, progress=False)
     stamp = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
