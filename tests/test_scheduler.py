@@ -204,7 +204,8 @@ def test_storage_url_default_and_postgres_accepted(tmp_path):
     assert studies.storage_url(tmp_path, "postgresql://u:pw@db:5432/x").endswith("://u:pw@db:5432/x")
 
 
-def test_unreachable_storage_is_a_spec_error(tmp_path):
+def test_unreachable_storage_is_a_spec_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABLATE_STORAGE_ATTEMPTS", "1")  # the backoff has tests of its own
     with pytest.raises(SpecError, match="cannot open storage"):
         studies.open_storage(studies.storage_url(".", "postgresql://nobody@127.0.0.1:1/none"))
 
