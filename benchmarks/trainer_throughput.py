@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -38,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ablations.data import load_data  # noqa: E402
 from ablations.patch import build_model  # noqa: E402
+from ablations.runio import write_atomic  # noqa: E402
 from ablations.spec import SESpec, Setting, load_profile, run_config  # noqa: E402
 from ablations.train import make_optimizer, resolve_device, torch_settings, train_epoch  # noqa: E402
 
@@ -74,6 +76,7 @@ def main() -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--md", default=None, help="also write the report to this Markdown file")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
 
     cfg = run_config(load_profile(args.profile, args.set), Setting(label="SE r=16", se=SESpec()), seed=0)
@@ -156,7 +159,9 @@ def main() -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.md:
-        Path(args.md).write_text(report)
+        write_atomic(args.md, report)
+    if args.json:
+        write_atomic(args.json, json.dumps({"device": str(dev), "reps": args.reps, "stats": stats}, indent=2))
     return 0
 
 

@@ -1,0 +1,325 @@
+"""`make bench`: SE's own cost and the runner's overheads, measured side by side in one run.
+
+Writes BENCHMARKS.md and benchmarks/results.json. Timings are medians over interleaved rounds (each
+round times every variant once, so drift in machine load hits all of them alike); ratios are of
+medians. Sections that need a GPU say so when none is present instead of estimating.
+
+    python benchmarks/bench.py [--quick] [--skip time_to_table,scheduler]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ablations.patch import build_model  # noqa: E402
+from ablations.spec import BackboneSpec, SESpec, load_profile  # noqa: E402
+
+GOALS = {
+    "cpu_inference": 1.02,  # SE-ResNet-50 / ResNet-50, paper 1.018
+    "gpu_train_step": 1.05,  # paper 1.10
+    "patched_vs_timm": 1.01,
+    "trainer_vs_bare": 0.95,
+    "time_to_table_s": 300,
+    "scheduler_overhead": 0.02,
+    "two_workers_speedup": 1.8,
+}
+
+VARIANTS = {  # label -> SE spec (None: ResNet-50)
+    "ResNet-50": None,
+    "SE (standard)": SESpec(),
+    "SE-PRE": SESpec(position="pre"),
+    "SE-POST": SESpec(position="post"),
+    "SE-Identity": SESpec(position="identity"),
+    "SE_3x3": SESpec(position="3x3"),
+    "NoSqueeze": SESpec(squeeze="none"),
+}
+
+
+def interleaved_medians(fns: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, timing every fn once per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_inference(rounds: int) -> dict:
+    """Batch 1 at 224, eval, inference mode, all CPU threads: the paper's CPU figure."""
+    import timm
+
+    backbone = BackboneSpec(stride_in_1x1=True)
+    x = torch.randn(1, 3, 224, 224)
+    models = {label: build_model(backbone, se).eval() for label, se in VARIANTS.items()}
+    # Patched standard SE vs timm's seresnet50: the same architecture (timm layout, FC bias).
+    models["timm seresnet50"] = timm.create_model("seresnet50").eval()
+    models["patched (= seresnet50)"] = build_model(BackboneSpec(), SESpec(bias=True)).eval()
+    fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+    with torch.inference_mode():
+        med = interleaved_medians(fns, rounds)
+    base = med["ResNet-50"]
+    rows = [{"model": k, "ms": v * 1e3, "ratio": v / base} for k, v in med.items()
+            if k not in ("timm seresnet50", "patched (= seresnet50)")]
+    patched = med["patched (= seresnet50)"] / med["timm seresnet50"]
+    return {"threads": torch.get_num_threads(), "rows": rows, "se_ratio": med["SE (standard)"] / base,
+            "timm_seresnet50_ms": med["timm seresnet50"] * 1e3,
+            "patched_ms": med["patched (= seresnet50)"] * 1e3, "patched_vs_timm": patched}
+
+
+def quick_train_step(rounds: int) -> dict:
+    """One SGD step (forward, backward, update) of the quick profile's model and batch."""
+    profile = load_profile("quick")
+    torch.set_num_threads(profile.train.threads or torch.get_num_threads())
+    n, size = profile.data.batch_size, profile.data.input_size
+    x = torch.randn(n, 3, size, size)
+    y = torch.randint(0, profile.backbone.num_classes, (n,))
+    fns = {}
+    for label in ("ResNet-50", "SE (standard)", "NoSqueeze"):
+        model = build_model(profile.backbone, VARIANTS[label]).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        fns[label] = step
+    med = interleaved_medians(fns, rounds)
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = med["ResNet-50"]
+    return {"batch": n, "input_size": size, "threads": profile.train.threads,
+            "rows": [{"model": k, "ms": v * 1e3, "ratio": v / base} for k, v in med.items()]}
+
+
+def gpu_train_step(rounds: int) -> dict:
+    """Batch 256 at 224, bf16 autocast, channels_last, eager and torch.compile (needs CUDA)."""
+    if not torch.cuda.is_available():
+        return {"measured": False, "why": "no GPU on this machine"}
+    dev = torch.device("cuda")
+    x = torch.randn(256, 3, 224, 224, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (256,), device=dev)
+    out = {"measured": True, "device": torch.cuda.get_device_name(), "rows": []}
+    for mode in ("eager", "compile"):
+        fns = {}
+        for label in ("ResNet-50", "SE (standard)"):
+            model = build_model(BackboneSpec(stride_in_1x1=True), VARIANTS[label]).to(dev)
+            model = model.to(memory_format=torch.channels_last)
+            fwd = torch.compile(model) if mode == "compile" else model
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+            def step(fwd=fwd, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(fwd(x), y)
+                loss.backward()
+                opt.step()
+                torch.cuda.synchronize()
+
+            fns[label] = step
+        med = interleaved_medians(fns, rounds, warmup=5)
+        base = med["ResNet-50"]
+        out["rows"] += [{"mode": mode, "model": k, "ms": v * 1e3, "img_s": 256 / v, "ratio": v / base}
+                        for k, v in med.items()]
+    return out
+
+
+def trainer_vs_bare(reps: int) -> dict:
+    """Trainer images/s vs bare forward+backward on the same batches (benchmarks/trainer_throughput.py)."""
+    out = ROOT / "benchmarks" / "trainer_throughput.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trainer_throughput.py"), "--reps", str(reps),
+                    "--md", str(ROOT / "benchmarks" / "trainer_throughput.md"), "--json", str(out)],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stats = json.loads(out.read_text())["stats"]["CPU median"]
+    return {"trainer_img_s": stats["trainer"], "bare_img_s": stats["bare fwd+bwd"],
+            "ratio": stats["trainer"] / stats["bare fwd+bwd"],
+            "ratio_vs_step": stats["trainer"] / stats["bare fwd+bwd+step"]}
+
+
+def _ablate(*args: str, cwd: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ablations", *args], cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return time.perf_counter() - t
+
+
+def time_to_table(workers: int) -> dict:
+    """Wall time of the quick profile's Table 10 (6 settings x 3 seeds), from nothing to the table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = _ablate("run", "ratio", "--profile", "quick", "--results-dir", tmp, "--workers", str(workers),
+                       cwd=ROOT)
+        train = _sum_train_seconds(Path(tmp))
+    return {"workers": workers, "wall_s": wall, "trials": 18, "sum_train_s": train}
+
+
+def _sum_train_seconds(results: Path) -> float:
+    return sum(json.loads(p.read_text())["train_seconds"] for p in results.rglob("final.json"))
+
+
+def scheduler_overhead() -> dict:
+    """Tiny trials (1 epoch): wall per trial beyond training, and 1 vs 2 workers."""
+    sets = ["--set", "train.epochs=2"]
+    out = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            wall = _ablate("run", "ratio", "--profile", "quick", "--seeds", "2", "--results-dir", tmp,
+                           "--workers", str(workers), *sets, cwd=ROOT)
+            out[workers] = {"wall_s": wall, "sum_train_s": _sum_train_seconds(Path(tmp)), "trials": 12}
+    one = out[1]
+    overhead = (one["wall_s"] - one["sum_train_s"]) / one["trials"]
+    return {"runs": out, "overhead_per_trial_s": overhead,
+            "overhead_fraction": (one["wall_s"] - one["sum_train_s"]) / one["wall_s"],
+            "speedup_2_workers": out[1]["wall_s"] / out[2]["wall_s"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "not measured"}[ok]
+
+
+def render(r: dict) -> str:
+    lines = ["# Benchmarks", "",
+             f"Recorded by `make bench` (`python benchmarks/bench.py`) on {r['date']}: {r['machine']}.",
+             "Medians over interleaved rounds; ratios are of medians. Raw figures: `benchmarks/results.json`.",
+             "", "## Summary", "", "| figure | measured | goal | |", "|---|---|---|---|"]
+
+    def row(name, value, goal, ok, cmd):
+        lines.append(f"| {name} | {value} | {goal} | {verdict(ok)} — `{cmd}` |")
+
+    inf = r.get("cpu_inference")
+    if inf:
+        row("CPU inference SE-ResNet-50 / ResNet-50 (batch 1, 224)", f"{inf['se_ratio']:.3f}",
+            f"≤ {GOALS['cpu_inference']}", inf["se_ratio"] <= GOALS["cpu_inference"],
+            "python benchmarks/bench.py --only cpu_inference")
+        row("patched standard SE / timm seresnet50 (CPU inference)", f"{inf['patched_vs_timm']:.3f}",
+            f"≤ {GOALS['patched_vs_timm']}", inf["patched_vs_timm"] <= GOALS["patched_vs_timm"],
+            "python benchmarks/bench.py --only cpu_inference")
+    gpu = r.get("gpu_train_step", {})
+    if gpu.get("measured"):
+        se = [x for x in gpu["rows"] if x["model"] == "SE (standard)" and x["mode"] == "eager"][0]["ratio"]
+        row("GPU training step SE / plain (256, bf16, channels_last, eager)", f"{se:.3f}",
+            f"≤ {GOALS['gpu_train_step']}", se <= GOALS["gpu_train_step"], "python benchmarks/bench.py --only gpu")
+    else:
+        row("GPU training step SE / plain (256, bf16, channels_last)", "—", f"≤ {GOALS['gpu_train_step']}",
+            None, "no GPU machine was available to this session")
+    tvb = r.get("trainer_vs_bare")
+    if tvb:
+        row("trainer / bare forward+backward images/s (quick, CPU)", f"{tvb['ratio']:.3f}",
+            f"≥ {GOALS['trainer_vs_bare']}", tvb["ratio"] >= GOALS["trainer_vs_bare"],
+            "python benchmarks/trainer_throughput.py")
+    row("trainer / bare images/s (cifar, GPU)", "—", f"≥ {GOALS['trainer_vs_bare']}", None,
+        "no GPU machine was available to this session")
+    ttt = r.get("time_to_table")
+    if ttt:
+        row(f"time-to-table, quick Table 10 (18 trials, {ttt['workers']} workers)", f"{ttt['wall_s']:.0f} s",
+            f"≤ {GOALS['time_to_table_s']} s", ttt["wall_s"] <= GOALS["time_to_table_s"],
+            f"make ablation-ratio WORKERS={ttt['workers']} RESULTS=$(mktemp -d)")
+    row("time-to-table, cifar Table 10 (GPU)", "—", "", None, "no GPU machine was available to this session")
+    sch = r.get("scheduler")
+    if sch:
+        row("scheduler overhead / wall (tiny trials, 1 worker)", f"{sch['overhead_fraction']:.1%} "
+            f"({sch['overhead_per_trial_s']:.2f} s/trial)", f"≤ {GOALS['scheduler_overhead']:.0%}",
+            sch["overhead_fraction"] <= GOALS["scheduler_overhead"], "python benchmarks/bench.py --only scheduler")
+        row("2 workers vs 1 (tiny trials, 2 CPU cores)", f"{sch['speedup_2_workers']:.2f}×",
+            f"≥ {GOALS['two_workers_speedup']}×", sch["speedup_2_workers"] >= GOALS["two_workers_speedup"],
+            "python benchmarks/bench.py --only scheduler")
+
+    if inf:
+        lines += ["", f"## SE overhead, CPU inference (batch 1, 224×224, {inf['threads']} threads, ResNet-50 "
+                  "with stride in 1×1)", "", "| model | ms | ratio |", "|---|---|---|"]
+        lines += [f"| {x['model']} | {x['ms']:.1f} | {x['ratio']:.3f} |" for x in inf["rows"]]
+        lines += ["", f"timm `seresnet50` {inf['timm_seresnet50_ms']:.1f} ms vs patched standard SE (bias, "
+                  f"timm layout) {inf['patched_ms']:.1f} ms: ratio {inf['patched_vs_timm']:.3f}."]
+    qt = r.get("quick_train_step")
+    if qt:
+        lines += ["", f"## SE overhead, quick-profile training step (batch {qt['batch']}, {qt['input_size']}×"
+                  f"{qt['input_size']}, {qt['threads']} thread)", "", "| model | ms/step | ratio |", "|---|---|---|"]
+        lines += [f"| {x['model']} | {x['ms']:.1f} | {x['ratio']:.3f} |" for x in qt["rows"]]
+    if gpu.get("measured"):
+        lines += ["", f"## GPU training step ({gpu['device']})", "", "| mode | model | ms | img/s | ratio |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['mode']} | {x['model']} | {x['ms']:.1f} | {x['img_s']:.0f} | {x['ratio']:.3f} |"
+                  for x in gpu["rows"]]
+    else:
+        lines += ["", "## GPU", "", f"Not measured: {gpu.get('why', 'skipped')}. No GPU figure here is estimated."]
+    if tvb:
+        lines += ["", "## Trainer vs bare model (quick profile, CPU)", "",
+                  f"trainer {tvb['trainer_img_s']:.0f} img/s, bare forward+backward+step {tvb['bare_img_s']:.0f} "
+                  f"img/s: {tvb['ratio']:.3f} (vs forward+backward+SGD step: {tvb['ratio_vs_step']:.3f}; CPU-time medians, "
+                  "details in benchmarks/trainer_throughput.md)."]
+    if sch:
+        lines += ["", "## Scheduler", "", "| workers | wall s | Σ train s | trials |", "|---|---|---|---|"]
+        lines += [f"| {w} | {x['wall_s']:.1f} | {x['sum_train_s']:.1f} | {x['trials']} |" for w, x in sch["runs"].items()]
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "time_to_table", "scheduler")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=2, help="workers for time-to-table")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    results_path = ROOT / "benchmarks" / "results.json"
+    r = json.loads(results_path.read_text()) if results_path.exists() else {}
+    r.update(date=time.strftime("%Y-%m-%d"), machine=machine())
+    steps = {"cpu_inference": lambda: cpu_inference(args.rounds),
+             "quick_train_step": lambda: quick_train_step(args.rounds),
+             "gpu": lambda: gpu_train_step(args.rounds),
+             "trainer_vs_bare": lambda: trainer_vs_bare(args.reps),
+             "time_to_table": lambda: time_to_table(args.workers),
+             "scheduler": scheduler_overhead}
+    keys = {"gpu": "gpu_train_step", "scheduler": "scheduler"}
+    for name in SECTIONS:
+        if name in only:
+            print(f"[bench] {name} ...", flush=True)
+            r[keys.get(name, name)] = steps[name]()
+    for path, text in ((results_path, json.dumps(r, indent=2)), (Path(args.out), render(r))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(Path(args.out).read_text())
+    shutil.rmtree(ROOT / "benchmarks" / "__pycache__", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
