@@ -214,9 +214,20 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
         claimed = None
         for study, plan in loaded:
             def claim(study: optuna.Study = study) -> FrozenTrial | None:
+                me = studies.worker_identity()
                 with grid_lock(storage):
+                    # Retried after an outage, a claim may have gone through with its reply lost: the
+                    # trial then carries our identity, and is ours (we train nothing while claiming).
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                        if t.user_attrs.get("worker") == me["worker"]:
+                            return t
                     studies.recover(storage, study)
-                    return studies.pop_waiting(storage, study)
+                    trial = studies.pop_waiting(storage, study)
+                    if trial is not None:  # in the lock: a claim and its owner are never apart for long
+                        tid = studies.trial_id(storage, study, trial.number)
+                        for key, value in me.items():
+                            storage.set_trial_user_attr(tid, key, value)
+                    return trial
 
             trial = resilience.storage_call(claim, url)
             if trial is not None:

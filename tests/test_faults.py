@@ -366,6 +366,9 @@ def test_unreachable_storage_retries_with_backoff_then_one_line_exit_2():
 def test_worker_rides_out_a_database_restart(tmp_path, pg_server, monkeypatch):  # noqa: F811
     monkeypatch.setenv("ABLATE_STORAGE_ATTEMPTS", "8")
     monkeypatch.setenv("ABLATE_STORAGE_BACKOFF_S", "0.5")
+    # A write cut by the stop between its commit and the reply may leave a claim without its owner's
+    # name: any worker retries that one after the grace period, kept short here.
+    monkeypatch.setenv("ABLATE_GRACE_S", "10")
     url = studies.storage_url(".", pg_server.create_database())
     results = tmp_path / "results"
     plans = make_plans(write_sweep(tmp_path, seeds=2), overrides=["train.epochs=2"])
@@ -380,9 +383,7 @@ def test_worker_rides_out_a_database_restart(tmp_path, pg_server, monkeypatch): 
         pg_server.start()
     w.join(120)
     assert w.exitcode == 0
-    study = load(url)
-    assert completes_per_point(study) == {p: 1 for p in plans[0].grid()}
-    assert len(study.trials) == len(plans[0].grid())  # no attempt was lost or retried
+    assert completes_per_point(load(url)) == {p: 1 for p in plans[0].grid()}
 
 
 def test_bad_knob_in_the_environment_is_one_line():
