@@ -245,6 +245,8 @@ def launch(cfg: RunConfig, out_dir: Path, *, devices: str, data_root: str | None
         raise TrialFailed(failure["message"])
     if failure["kind"] == "SpecError":
         raise SpecError(failure["message"], source=failure["source"], key=failure["key"])
+    if failure.get("errno") is not None:
+        raise OSError(failure["errno"], f"rank {failure['rank']}: {failure['message']}")
     raise RuntimeError(f"rank {failure['rank']}: {failure['kind']}: {failure['message']}")
 
 
@@ -306,11 +308,14 @@ def rank(request_path: str, agent_pid: str) -> int:
         return 0
     except Exception as e:
         if me == 0 or not Path(request["result"]).exists():  # rank 0's reason wins
+            from ablations.resilience import unwritable_oserror
             from ablations.runio import save_json_atomic
 
+            disk = unwritable_oserror(e)  # a full or read-only disk reaches the worker as such: it hands back
             save_json_atomic(request["result"], {
                 "rank": me, "kind": type(e).__name__, "message": e.message if isinstance(e, SpecError) else str(e),
-                "source": getattr(e, "source", None), "key": getattr(e, "key", None)})
+                "source": getattr(e, "source", None), "key": getattr(e, "key", None),
+                "errno": None if disk is None else disk.errno})
         if not isinstance(e, (TrialFailed, SpecError)):
             raise  # a crash: its traceback belongs on this rank's stderr
         # Non-zero all the same: torchrun then stops the other ranks instead of leaving them in a collective.

@@ -1,8 +1,9 @@
 """Surviving the machine: timing knobs from the environment, storage retries, results-dir checks.
 
-Workers outlive hiccups that are not their fault (a database restarting, a login node's NFS pausing)
-and stop, with one line, on those that will not pass (a read-only or full results directory): a
-trial is never burned as FAILED because of the machine it happened to run on.
+Workers outlive hiccups that are not their fault (a database restarting, a network blip) and stop,
+with one line, on those that will not pass (a read-only or full results directory). Either way a grid
+point is never left FAILED because of the machine it happened to run on: the attempt is handed back
+to the queue and resumes from its checkpoint wherever it is claimed next.
 
 Knobs (environment variables, so spawned workers, torchrun ranks and SLURM jobs inherit them):
 
@@ -122,27 +123,28 @@ def safe_url(url: str) -> str:
 # Results directory
 
 
+def unwritable_oserror(exc: BaseException | None) -> OSError | None:
+    """The OSError in `exc`'s chain that says a directory cannot take files (torch wraps them)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def unwritable(exc: BaseException) -> str | None:
     """Why `exc` says the results directory cannot take files (None: some other failure)."""
-    if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
-        return UNWRITABLE[exc.errno]
-    cause = exc.__cause__ or exc.__context__
-    return unwritable(cause) if cause is not None and cause is not exc else None
+    err = unwritable_oserror(exc)
+    return None if err is None else UNWRITABLE[err.errno]
 
 
 def results_dir_error(path: Path, exc: BaseException, outcome: str) -> SpecError:
     """One line for a results directory that cannot take a file: which file, why, what became of the work."""
-    os_error = _oserror(exc)
+    os_error = unwritable_oserror(exc)
     where = os_error.filename if os_error is not None and os_error.filename else None
     what = f"cannot write {where}" if where and str(where) != str(path) else "cannot write files there"
     return SpecError(f"{what}: {unwritable(exc)}; {outcome} (free space or fix permissions, then start "
                      "again)", source="--results-dir", key=str(path))
-
-
-def _oserror(exc: BaseException | None) -> OSError | None:
-    while exc is not None and not isinstance(exc, OSError):
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def check_writable(results_dir: Path) -> None:
