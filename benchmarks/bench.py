@@ -294,7 +294,8 @@ SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=15, help="timing rounds per variant")
+    ap.add_argument("--reps", type=int, default=10, help="timed epochs per variant, trainer vs bare")
     ap.add_argument("--workers", type=int, default=2, help="workers for time-to-table")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
