@@ -121,16 +121,25 @@ def fig6(exc: load.Excitations, classes: list[int] | None = None, blocks: list[s
             # White halo: the reference line must stay readable on top of hundreds of class channels.
             ax.plot(channels, avg, lw=1.4, color="black", ls="--", label="all classes",
                     path_effects=[patheffects.Stroke(linewidth=3, foreground="white"), patheffects.Normal()])
-            ax.set_title(f"{block} ({channels.size} channels)")
-            ax.set_xlim(0, channels.size - 1)
-            ax.set_xlabel("channel index")
-            ax.set_ylabel("activation")
-        for ax in axes[len(blocks):]:
-            ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+            _channel_axes(ax, block, channels.size)
+        _hide_spare_and_legend(fig, axes, len(blocks))
         fig.suptitle(title or f"Mean excitation per channel ({_run_name(exc)})")
     return fig
+
+
+def _channel_axes(ax, block: str, n_channels: int) -> None:
+    ax.set_title(f"{block} ({n_channels} channels)")
+    ax.set_xlim(0, n_channels - 1)
+    ax.set_xlabel("channel index")
+    ax.set_ylabel("activation")
+
+
+def _hide_spare_and_legend(fig: Figure, axes, n_used: int) -> None:
+    """Blank the grid's unused panels; one legend for all panels, below them."""
+    for ax in axes[n_used:]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
 
 
 def fig7(exc: load.Excitations, cls: int | None = None, blocks: list[str] | None = None,
@@ -150,14 +159,8 @@ def fig7(exc: load.Excitations, cls: int | None = None, blocks: list[str] | None
             ax.plot(channels, mean, lw=0.9, color=color, label="mean")
             ax.fill_between(channels, mean - std, mean + std, color=color, alpha=0.3, lw=0,
                             label="± 1 std over images")
-            ax.set_title(f"{block} ({channels.size} channels)")
-            ax.set_xlim(0, channels.size - 1)
-            ax.set_xlabel("channel index")
-            ax.set_ylabel("activation")
-        for ax in axes[len(blocks):]:
-            ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+            _channel_axes(ax, block, channels.size)
+        _hide_spare_and_legend(fig, axes, len(blocks))
         n = int(exc.counts[r])
         fig.suptitle(title or f"Excitation over the {n} images of class {cls} ({_run_name(exc)})")
     return fig
