@@ -69,7 +69,7 @@ def spawn_worker(url: str, results: Path, epoch_s: str) -> mp.process.BaseProces
 def running_trial_of(pid: int, url: str, past_epoch: int = 1):
     """The trial worker `pid` trains, once its run dir holds a checkpoint of `past_epoch` or later."""
     for t in load(url).get_trials(states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("pid") == pid:
+        if t.user_attrs.get("pid") == pid and "run_dir" in t.user_attrs:  # attrs arrive one by one
             ckpt = Path(t.user_attrs["run_dir"]) / "checkpoint.json"
             if ckpt.exists() and json.loads(ckpt.read_text())["epoch"] >= past_epoch:
                 return t

@@ -502,7 +502,8 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
             trials = load(results).get_trials(states=(TrialState.RUNNING,))
         except (KeyError, Exception):  # no database or no study yet
             continue
-        running = [t for t in trials if "pid" in t.user_attrs
+        # a claim's attrs arrive one by one: poll until pid and run_dir are both there
+        running = [t for t in trials if "pid" in t.user_attrs and "run_dir" in t.user_attrs
                    and (Path(t.user_attrs["run_dir"]) / "checkpoint.json").exists()]
         if len(running) == 2:
             break
