@@ -2,7 +2,8 @@
 and a fake trainer with the real one's contract (importable by spawned workers, no torch import).
 
 The fake trainer resumes from `checkpoint.json` in its run dir, sleeps FAKE_EPOCH_S per epoch (so a test
-can kill it mid-epoch), appends one line per (re)start to calls.log, and writes final.json last.
+can kill it mid-epoch), appends one line per (re)start to calls.log (pid, start epoch, data root, epochs), fails on
+FAKE_NAN_SETTING / crashes on FAKE_CRASH_SETTING, and writes final.json last.
 """
 
 from __future__ import annotations
@@ -41,14 +42,21 @@ def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_e
         return json.loads((out / "final.json").read_text())
     ckpt = out / "checkpoint.json"
     start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
-    with open(out / "calls.log", "a") as f:
-        f.write(f"{os.getpid()} {start}\n")
+    with open(out / "calls.log", "a") as f:  # one line per time this run was (re)started
+        f.write(f"{os.getpid()} {start} {data_root} {cfg.train.epochs}\n")
     for epoch in range(start + 1, cfg.train.epochs + 1):
         time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
+        if cfg.setting == os.environ.get("FAKE_NAN_SETTING"):
+            raise TrialFailed(f"loss became nan at epoch {epoch}")
+        if cfg.setting == os.environ.get("FAKE_CRASH_SETTING"):
+            raise RuntimeError("a bug in the trainer")
         ckpt.write_text(json.dumps({"epoch": epoch}))
         if on_epoch is not None:
-            on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "top1_err": 50.0 / epoch})
-    final = {"top1_err": 10.0 + cfg.seed, "top5_err": 1.0, "val_loss": 0.5, "epochs": cfg.train.epochs,
+            on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1_err": 50.0 / epoch})
+    final = {"top1_err": 10.0 + cfg.seed + len(cfg.setting) / 10, "top5_err": 1.5, "val_loss": 0.5,
+             "params_m": 0.4, "gflops": 0.01, "params": 400000, "macs": 10_000_000, "train_seconds": 0.1,
+             "images_per_s": 100.0, "epochs": cfg.train.epochs, "device": device or "cpu",
+             "versions": {"torch": "x"}, "git_commit": "abc", "sweep": cfg.sweep, "profile": cfg.profile,
              "setting": cfg.setting, "seed": cfg.seed, "worker_pid": os.getpid()}
     (out / "final.json").write_text(json.dumps(final))
     return final

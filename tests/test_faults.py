@@ -114,7 +114,7 @@ def test_kill_9_mid_epoch_then_restart_completes_each_point_once(url, tmp_path):
     assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_epochs"] >= 1
-    starts = [int(start) for _, start in calls(Path(victim.user_attrs["run_dir"]))]
+    starts = [int(start) for _, start, *_ in calls(Path(victim.user_attrs["run_dir"]))]
     assert len(starts) == 2 and starts[1] >= 1  # the restart resumed from the killed run's checkpoint
 
 
@@ -178,7 +178,7 @@ def test_worker_that_wakes_up_after_its_retry_stops_and_nothing_is_done_twice(tm
     assert final["worker_pid"] == rescuer.pid
     # The rescuer waited for the run dir, then resumed from the one epoch the sleeper finished on waking
     # (and the sleeper stopped there: it would otherwise have held the run dir to the end).
-    assert [(int(pid), int(start)) for pid, start in calls(run_dir)] == [(sleeper.pid, 0),
+    assert [(int(pid), int(start)) for pid, start, *_ in calls(run_dir)] == [(sleeper.pid, 0),
                                                                         (rescuer.pid, stopped_after + 1)]
 
 

@@ -1,6 +1,6 @@
 """The sweep scheduler: studies, exactly-once grid, recovery of dead workers, workers, CLI errors.
 
-Fast tests train with `fake_train` below (same contract as ablations.train.train: resumes from a
+Fast tests train with `scale_helpers.fake_train` (same contract as ablations.train.train: resumes from a
 checkpoint in its run dir, returns final.json's contents, raises TrialFailed for a NaN loss) so they
 exercise the scheduler, not the network. The `slow` tests at the end run the real trainer end to end.
 """
@@ -22,50 +22,13 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from scale_helpers import FAKE, SETTINGS, calls
 
 from ablations import cli, scheduler, studies, worker
 from ablations.errors import SpecError
 from ablations.studies import grid_lock
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = "test_scheduler:fake_train"  # importable in spawned workers too: they inherit sys.path
-SETTINGS = [{"label": "r=16", "reduction": 16}, {"label": "r=8", "reduction": 8},
-            {"label": "original", "se": False}]
-
-
-# ---------------------------------------------------------------------------------------------------
-# A trainer with the real one's contract, minus the network
-
-
-class TrialFailed(Exception):
-    pass
-
-
-def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_epoch=None):
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "final.json").exists():
-        return json.loads((out / "final.json").read_text())
-    ckpt = out / "checkpoint.json"
-    start = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
-    with open(out / "calls.log", "a") as f:  # one line per time this run was (re)started
-        f.write(f"{os.getpid()} {start} {data_root} {cfg.train.epochs}\n")
-    for epoch in range(start + 1, cfg.train.epochs + 1):
-        time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0")))
-        if cfg.setting == os.environ.get("FAKE_NAN_SETTING"):
-            raise TrialFailed(f"loss became nan at epoch {epoch}")
-        if cfg.setting == os.environ.get("FAKE_CRASH_SETTING"):
-            raise RuntimeError("a bug in the trainer")
-        ckpt.write_text(json.dumps({"epoch": epoch}))
-        if on_epoch is not None:
-            on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1_err": 50.0 / epoch})
-    final = {"top1_err": 10.0 + cfg.seed + len(cfg.setting) / 10, "top5_err": 1.5, "val_loss": 0.5,
-             "params_m": 0.4, "gflops": 0.01, "params": 400000, "macs": 10_000_000, "train_seconds": 0.1,
-             "images_per_s": 100.0, "epochs": cfg.train.epochs, "device": device or "cpu",
-             "versions": {"torch": "x"}, "git_commit": "abc", "sweep": cfg.sweep, "profile": cfg.profile,
-             "setting": cfg.setting, "seed": cfg.seed}
-    (out / "final.json").write_text(json.dumps(final))
-    return final
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,11 +63,6 @@ def completes_per_point(study: optuna.Study) -> dict[tuple[str, int], int]:
         p = studies.grid_point(t)
         out[p] = out.get(p, 0) + 1
     return out
-
-
-def calls(run_dir: Path) -> list[list[str]]:
-    log = run_dir / "calls.log"
-    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def run_fake(tmp_path: Path, results: Path, workers: int = 1, **plan_kw) -> int:
