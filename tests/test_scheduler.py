@@ -22,7 +22,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-from scale_helpers import FAKE, SETTINGS, calls
+from scale_helpers import FAKE, SETTINGS, calls, create_study
 
 from ablations import cli, scheduler, studies, worker
 from ablations.errors import SpecError
@@ -47,6 +47,13 @@ def make_plans(sweep: Path, *overrides: str, seeds: int | None = None, data_root
     args = argparse.Namespace(sweeps=[str(sweep)], profile="quick", set=["train.epochs=3", *overrides],
                               seeds=seeds, data_root=data_root)
     return scheduler.plans_from_args(args)
+
+
+def queued_study(tmp_path: Path, results: Path, **plan_kwargs):
+    """A mini sweep's study with its whole grid queued (scale_helpers.create_study): plan, storage, study."""
+    (plan,) = plans = make_plans(write_sweep(tmp_path), **plan_kwargs)
+    study = create_study(url_of(results), plans)
+    return plan, studies.open_storage(url_of(results)), study
 
 
 def url_of(results: Path) -> str:
@@ -218,11 +225,7 @@ def test_study_with_a_different_recipe_is_refused(tmp_path, results):
 
 
 def test_pop_never_hands_out_a_trial_twice(tmp_path, results):
-    (plan,) = make_plans(write_sweep(tmp_path))
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
-    with grid_lock(storage):
-        studies.enqueue_missing(study, plan)
+    plan, storage, study = queued_study(tmp_path, results)
     popped = []
     while (t := studies.pop_waiting(storage, study)) is not None:
         popped.append(studies.grid_point(t))
@@ -297,11 +300,7 @@ def test_unexpected_trainer_error_fails_the_trial_with_traceback_and_the_sweep_g
 
 
 def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_path, results):
-    (plan,) = make_plans(write_sweep(tmp_path))
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
-    with grid_lock(storage):
-        studies.enqueue_missing(study, plan)
+    plan, storage, study = queued_study(tmp_path, results)
     _, _, trial = claim(results, socket.gethostname(), dead_pid())
     label, seed = studies.grid_point(trial)
     run_dir = plan.run_dir(results, label, seed)
@@ -322,11 +321,7 @@ def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_pa
 
 def test_stale_heartbeat_and_silent_claims_are_requeued_after_grace(tmp_path, results, monkeypatch):
     monkeypatch.setattr(studies, "GRACE_S", 1)
-    (plan,) = make_plans(write_sweep(tmp_path))
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
-    with grid_lock(storage):
-        studies.enqueue_missing(study, plan)
+    plan, storage, study = queued_study(tmp_path, results)
     _, _, remote = claim(results, "another-host", 4242)  # a live-looking worker on another machine
     storage.record_heartbeat(studies.trial_id(storage, study, remote.number))
     with grid_lock(storage):
@@ -355,11 +350,7 @@ def test_requeue_gives_up_after_max_retry(tmp_path, results):
 
 
 def test_worker_joins_existing_study_with_its_stored_options(tmp_path, results):
-    (plan,) = make_plans(write_sweep(tmp_path), data_root="/stored/root")
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
-    with grid_lock(storage):
-        studies.enqueue_missing(study, plan)
+    plan, storage, study = queued_study(tmp_path, results, data_root="/stored/root")
     events = []
     worker.work(url_of(results), ["mini-quick"], results_dir=results, device="cpu", data_root=None,
                 emit=events.append, trainer=FAKE)
