@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -317,12 +318,14 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+@functools.cache  # per process: a long-lived worker runs one code version
 def versions() -> dict[str, str]:
     import timm
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
 
 
+@functools.cache  # the code a worker runs is fixed at import; no git subprocess per trial
 def git_commit() -> str | None:
     try:
         r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -518,7 +521,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
         "train_seconds": train_seconds,
         "images_per_s": len(steady) / sum(1.0 / r["images_per_s"] for r in steady),
         "epochs": len(rows), "device": str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
-        "versions": versions(), "git_commit": git_commit(),
+        "versions": dict(versions()), "git_commit": git_commit(),
         "sweep": cfg.sweep, "profile": cfg.profile, "setting": cfg.setting, "seed": cfg.seed,
     }
     if dist.is_main:
