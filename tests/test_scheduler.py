@@ -22,7 +22,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-from scale_helpers import FAKE, SETTINGS, calls, create_study
+from scale_helpers import FAKE, SETTINGS, calls, completes_per_point, create_study
 
 from ablations import cli, scheduler, studies, worker
 from ablations.errors import SpecError
@@ -62,14 +62,6 @@ def url_of(results: Path) -> str:
 
 def load(results: Path, name: str = "mini-quick") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=url_of(results))
-
-
-def completes_per_point(study: optuna.Study) -> dict[tuple[str, int], int]:
-    out: dict[tuple[str, int], int] = {}
-    for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        p = studies.grid_point(t)
-        out[p] = out.get(p, 0) + 1
-    return out
 
 
 def run_fake(tmp_path: Path, results: Path, workers: int = 1, **plan_kw) -> int:
