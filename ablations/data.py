@@ -18,6 +18,7 @@ Data order depends on (seed, epoch) only, so data-parallel ranks agree on it and
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ablations.errors import SpecError
-from ablations.spec import DataSpec, RunConfig
+from ablations.spec import BackboneSpec, DataSpec, RunConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -170,15 +171,25 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = SPLIT_
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def load_digits_uint8(spec: DataSpec, in_chans: int) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's 1,797 8x8 digits (values 0..16) as uint8 0..255, resized, split, replicated."""
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (uint8 [1797, 8, 8] scaled to 0..255, int64 labels), read once per
+    process: a worker's trials all use them, and the scikit-learn import alone takes seconds."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = torch.from_numpy(np.rint(d.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+    images.flags.writeable = False  # shared by every trial of the process
+    return images, d.target.astype(np.int64)
+
+
+def load_digits_uint8(spec: DataSpec, in_chans: int) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's 1,797 8x8 digits (values 0..16) as uint8 0..255, resized, split, replicated."""
+    digits, target = _digits()
+    images = torch.from_numpy(digits.copy())[:, None]
     images = resize_uint8(images, spec.input_size).expand(-1, in_chans, -1, -1).contiguous()
-    labels = torch.from_numpy(d.target.astype(np.int64))
-    tr, va = stratified_split(d.target, spec.val_fraction)
+    labels = torch.from_numpy(target.copy())
+    tr, va = stratified_split(target, spec.val_fraction)
     tr_t, va_t = torch.from_numpy(tr), torch.from_numpy(va)
     return images[tr_t], labels[tr_t], images[va_t], labels[va_t]
 
@@ -363,20 +374,29 @@ def _rgb_loader(path: str):
 Data = InMemoryData | FolderData
 
 
-def input_stride(cfg: RunConfig) -> int:
-    """The backbone's total downsampling factor, measured by a shape-only pass on the meta device."""
-    from ablations.patch import build_model
+def input_stride(backbone: BackboneSpec) -> int:
+    """The backbone's total downsampling factor, measured by a shape-only pass on the meta device.
 
+    SE blocks never change a shape, so the plain backbone answers for every setting of a sweep.
+    """
+    return _input_stride(backbone.model_dump_json())
+
+
+@functools.lru_cache(maxsize=64)  # per process: every trial of a worker shares its sweep's backbone
+def _input_stride(backbone_json: str) -> int:
+    from ablations.patch import build_backbone
+
+    backbone = BackboneSpec.model_validate_json(backbone_json)
     with torch.device("meta"):
-        model = build_model(cfg.backbone, cfg.se).eval()
+        model = build_backbone(backbone).eval()
         probe = 1024
-        out = model.forward_features(torch.empty(1, cfg.backbone.in_chans, probe, probe))
+        out = model.forward_features(torch.empty(1, backbone.in_chans, probe, probe))
     return math.ceil(probe / out.shape[-1])
 
 
 def check_input_size(cfg: RunConfig) -> None:
     """Inputs smaller than the total stride leave the last stage less than one real pixel."""
-    stride = input_stride(cfg)
+    stride = input_stride(cfg.backbone)
     if cfg.data.input_size < stride:
         raise SpecError(f"{cfg.data.input_size} is too small for this backbone (total stride {stride}; "
                         f"need at least {stride})", key="data.input_size")

@@ -17,6 +17,7 @@ import re
 import signal
 import statistics
 import sys
+import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from ablations import studies, worker
+from ablations import resilience, studies, worker
 from ablations.errors import SpecError
 from ablations.spec import load_profile, load_sweep, run_config
 from ablations.studies import Plan, grid_lock
@@ -227,14 +228,14 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
     A worker that dies (OOM killer, segfault) leaves its trial RUNNING with a dead pid: requeue it at
     once and start a replacement, a bounded number of times.
     """
-    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or SQLite handles
+    ctx = worker.process_context(trainer)
     events = ctx.Queue()
     storage = progress.storage
 
     def start(w: int) -> mp.process.BaseProcess:
         p = ctx.Process(target=worker.process_main, name=f"ablate-worker-{w}",
                         args=(url, names, str(results_dir), devices[w % len(devices)], None, events, w,
-                              trainer, os.getpid(), threads))
+                              trainer, threads))
         p.start()
         return p
 
@@ -282,15 +283,15 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
 def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], workers: int, *,
         trainer: str = worker.TRAINER, bars: bool | None = None) -> int:
     """Open the studies, queue their grids, train with `workers` workers, print tables; exit status."""
-    from ablations.resilience import check_writable
-
-    check_writable(Path(results_dir))  # a read-only or full results dir: one line, before any study changes
+    resilience.check_writable(Path(results_dir))  # a read-only or full results dir: one line, before any study changes
     storage = studies.open_storage(url)
-    loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
+    loaded = [(studies.open_study(storage, plan, note=False), plan) for plan in plans]
     with grid_lock(storage):
         for study, plan in loaded:
             studies.recover(storage, study)
             studies.enqueue_missing(study, plan)
+    notes = threading.Thread(target=_save_notes, args=(storage, loaded), name="study-notes", daemon=True)
+    notes.start()  # beside the first trials rather than before them
     queued = sum(1 for study, plan in loaded
                  for s in studies.point_states(study.get_trials(deepcopy=False), plan.grid()).values()
                  if s == "WAITING")
@@ -303,7 +304,18 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
     else:
         _spawn(url, names, results_dir, devices, workers, progress, trainer,
                _cpu_threads(plans, devices, workers))
+    notes.join()
     return _outcome(progress)
+
+
+def _save_notes(storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Study, Plan]]) -> None:
+    from ablations.dashboard import save_study_note
+
+    for study, plan in loaded:
+        try:
+            resilience.storage_call(lambda: save_study_note(storage, study, plan), storage.url)
+        except Exception as e:  # noqa: BLE001 -- a missing note must not cost the sweep
+            tqdm.write(f"warning: could not save the dashboard note of {study.study_name}: {e}", file=sys.stderr)
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
@@ -312,6 +324,8 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def cli_run(args: argparse.Namespace) -> int:
     _check_scale_options(args, args.workers)
+    if args.workers > 1:  # the workers' imports (seconds) overlap the validation below
+        worker.process_context()
     from ablations.ddp import device_groups  # --nproc-per-node N: each worker trains on N devices (DDP)
 
     devices = device_groups(resolve_devices(args.devices), args.nproc_per_node)

@@ -246,8 +246,12 @@ def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> di
 # Studies and the grid
 
 
-def open_study(storage: optuna.storages.RDBStorage, plan: Plan) -> optuna.Study:
-    """Create the plan's study (attrs, dashboard note) or load it, refusing one that trains differently."""
+def open_study(storage: optuna.storages.RDBStorage, plan: Plan, *, note: bool = True) -> optuna.Study:
+    """Create the plan's study (attrs, dashboard note) or load it, refusing one that trains differently.
+
+    `note=False` leaves the dashboard note to the caller (dashboard.save_study_note), which `ablate run`
+    saves beside the training: importing optuna-dashboard takes seconds.
+    """
     from ablations.dashboard import save_study_note
 
     with grid_lock(storage):  # two `ablate run`s starting together must not both create it
@@ -257,7 +261,8 @@ def open_study(storage: optuna.storages.RDBStorage, plan: Plan) -> optuna.Study:
             study = optuna.create_study(study_name=plan.study_name, storage=storage, direction="minimize")
             for key, value in plan.attrs().items():
                 study.set_user_attr(key, value)
-            save_study_note(storage, study, plan)
+            if note:
+                save_study_note(storage, study, plan)
             return study
     old = study.user_attrs
     new = plan.attrs()
@@ -275,7 +280,8 @@ def open_study(storage: optuna.storages.RDBStorage, plan: Plan) -> optuna.Study:
     for key, value in new.items():
         if old.get(key) != value:
             study.set_user_attr(key, value)
-    save_study_note(storage, study, plan)
+    if note:
+        save_study_note(storage, study, plan)
     return study
 
 
@@ -404,10 +410,11 @@ def recover(storage: optuna.storages.RDBStorage, study: optuna.Study) -> list[in
     - any host, heartbeat older than GRACE_S: Optuna's fail_stale_trials, whose callback is `requeue`;
     - no worker attrs at all, older than GRACE_S: died between claiming the trial and its first heartbeat.
     """
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    before = {t.number for t in running}
     host = socket.gethostname()
     now = datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in running:
         a = t.user_attrs
         if a.get("host") == host and isinstance(a.get("pid"), int):
             if process_alive(a["pid"], a.get("pid_start")):
