@@ -252,7 +252,7 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
 
     try:
         while procs:
-            drain(0.5)
+            drain(0.1)  # also how soon a finished worker is noticed
             for w, p in list(procs.items()):
                 if p.is_alive():
                     continue

@@ -30,7 +30,7 @@ from ablations import resilience, studies
 from ablations.errors import SpecError
 from ablations.studies import Plan, grid_lock
 
-POLL_S = 1.0  # idle workers look for requeued trials this often while others still run
+POLL_S = 0.2  # idle workers look for requeued trials this often while others still run (a cheap query)
 TRAINER = "ablations.train:train"
 Emit = Callable[[dict[str, Any]], None]
 

@@ -22,15 +22,21 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 2
 
 
-def trial_timeline(url: str, epoch_s: float) -> dict:
-    """Per-trial scheduler overhead from the study: each trial's span beyond its sleep, and the gap
-    between one trial's end and the next start on the same worker (claiming)."""
+def trial_timeline(url: str, busy_s: Callable[[FrozenTrial], float]) -> dict:
+    """Per-trial overhead from the study's timestamps: each trial's span (claim to COMPLETE) beyond
+    `busy_s(trial)`, its working time, and the gap between one trial's end and the next claim on the
+    same worker. Medians, so the first trial of a worker (lazy imports, cold caches) does not count."""
     import optuna
 
     from ablations import studies
@@ -39,16 +45,17 @@ def trial_timeline(url: str, epoch_s: float) -> dict:
     (summary,) = storage.get_all_studies()
     trials = sorted(optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(),
                     key=lambda t: t.datetime_start)
-    inside = [(t.datetime_complete - t.datetime_start).total_seconds() - EPOCHS * epoch_s for t in trials]
+    inside = [(t.datetime_complete - t.datetime_start).total_seconds() - busy_s(t) for t in trials]
     by_worker: dict[int, list] = {}
     for t in trials:
         by_worker.setdefault(t.user_attrs["pid"], []).append(t)
     gaps = [(b.datetime_start - a.datetime_complete).total_seconds()
             for ts in by_worker.values() for a, b in zip(ts, ts[1:])]
-    return {"trials": len(trials), "workers_seen": len(by_worker),
-            "first_start": min(t.datetime_start for t in trials).timestamp(),
-            "last_complete": max(t.datetime_complete for t in trials).timestamp(),
-            "inside_trial_s": statistics.median(inside), "between_trials_s": statistics.median(gaps) if gaps else 0.0}
+    first = min(t.datetime_start for t in trials).timestamp()
+    last = max(t.datetime_complete for t in trials).timestamp()
+    return {"trials": len(trials), "workers_seen": len(by_worker), "first_start": first, "last_complete": last,
+            "trial_phase_s": last - first, "inside_trial_s": statistics.median(inside),
+            "between_trials_s": statistics.median(gaps) if gaps else 0.0}
 
 
 def main() -> None:
@@ -64,7 +71,10 @@ def main() -> None:
 
     from scale_helpers import FAKE, make_plans, write_sweep
 
-    from ablations import scheduler, studies
+    from ablations import scheduler, studies, worker
+
+    if args.workers > 1:  # as `ablate run` does: the workers' imports overlap the validation
+        worker.process_context(FAKE)
 
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results"
@@ -74,7 +84,7 @@ def main() -> None:
         ended = time.time()
         if status != 0:
             sys.exit(f"sleep sweep failed (exit {status})")
-        line = trial_timeline(url, args.epoch_s)
+        line = trial_timeline(url, lambda t: EPOCHS * args.epoch_s)
     wall = ended - STARTED
     out = {"workers": args.workers, "epoch_s": args.epoch_s, "trial_s": EPOCHS * args.epoch_s, "wall_s": wall,
            "startup_s": line.pop("first_start") - STARTED, "shutdown_s": ended - line.pop("last_complete"),
