@@ -14,6 +14,7 @@ from ablations.data import (
     FolderData,
     InMemoryData,
     crop_flip,
+    input_stride,
     load_data,
     seed_for,
     stratified_split,
@@ -282,6 +283,34 @@ def test_image_folder_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+def test_a_trial_cannot_change_the_next_ones_digits():
+    """The digits are read once per process (a worker's trials share them): what one trial's data do
+    to their tensors must not reach the next trial's."""
+    cfg = cfg_for(dataset="digits", input_size=8, batch_size=64)
+    first = load_data(cfg)
+    pristine = first.train_x.clone()
+    first.train_x.zero_()
+    first.train_y.fill_(3)
+    second = load_data(cfg)
+    assert torch.equal(second.train_x, pristine)
+    assert len(torch.unique(second.train_y)) == 10
+
+
+def test_input_stride_ignores_se_and_is_measured_once_per_backbone():
+    from ablations.data import _input_stride
+    from ablations.patch import build_model
+
+    _input_stride.cache_clear()
+    for se in (SESpec(), SESpec(position="pre"), None):
+        assert input_stride(TINY) == 8  # small stem: stages 3..5 halve the map
+        with torch.device("meta"):  # SE blocks never change a shape: the backbone answers for all
+            out = build_model(TINY, se).forward_features(torch.empty(1, 3, 64, 64))
+        assert out.shape[-1] == 64 // 8
+    assert _input_stride.cache_info().misses == 1
+    assert input_stride(TINY.model_copy(update={"small_stem": False})) == 32
+    assert _input_stride.cache_info().misses == 2
+
+
 # Other bad input
 
 

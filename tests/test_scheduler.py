@@ -409,6 +409,24 @@ def test_no_storage_yet(results, capsys):
 # Several processes
 
 
+def _modules_at_start(queue) -> None:
+    queue.put({name: name in sys.modules for name in ("timm", "sklearn.datasets", "ablations.train")})
+
+
+@pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="no fork server on this platform")
+def test_workers_start_with_torch_timm_and_the_trainer_imported():
+    """Workers are forked from a server that imported them once (seconds each), not spawned bare."""
+    seen = {}
+    for name, ctx in (("server", worker.process_context(worker.TRAINER)), ("spawn", mp.get_context("spawn"))):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_modules_at_start, args=(queue,))
+        p.start()
+        seen[name] = queue.get(timeout=120)
+        p.join(30)
+    assert seen["server"] == {"timm": True, "sklearn.datasets": True, "ablations.train": True}
+    assert seen["spawn"]["timm"] is False  # this module alone does not import it: the server did
+
+
 def _run_in_process(plans, results: str, workers: int, epoch_s: str) -> None:
     os.environ["FAKE_EPOCH_S"] = epoch_s
     sys.exit(scheduler.run(plans, url_of(Path(results)), Path(results), ["cpu"], workers, trainer=FAKE,
