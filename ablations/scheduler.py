@@ -313,7 +313,8 @@ def _save_notes(storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.S
 
     for study, plan in loaded:
         try:
-            resilience.storage_call(lambda: save_study_note(storage, study, plan), storage.url)
+            resilience.storage_call(lambda study=study, plan=plan: save_study_note(storage, study, plan),
+                                    storage.url)
         except Exception as e:  # noqa: BLE001 -- a missing note must not cost the sweep
             tqdm.write(f"warning: could not save the dashboard note of {study.study_name}: {e}", file=sys.stderr)
 
