@@ -242,18 +242,26 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
     procs = {w: start(w) for w in range(workers)}
     respawns = 0
 
-    def drain(timeout: float) -> None:
+    def drain(timeout: float) -> set[int]:
+        """Handle the queued events (waiting up to `timeout` for the first); the workers that said "exit"."""
+        exiting = set()
         try:
-            progress.handle(events.get(timeout=timeout))
+            ev = events.get(timeout=timeout)
             while True:
-                progress.handle(events.get_nowait())
+                progress.handle(ev)
+                if ev["kind"] == "exit":
+                    exiting.add(ev["worker"])
+                ev = events.get_nowait()
         except queue.Empty:
             pass
+        return exiting
 
     try:
         while procs:
-            drain(0.1)  # also how soon a finished worker is noticed
+            exiting = drain(0.1)  # also how soon a dead worker is noticed
             for w, p in list(procs.items()):
+                if w in exiting:
+                    p.join(timeout=5)  # its last event is out: it is ending now
                 if p.is_alive():
                     continue
                 p.join()
@@ -267,7 +275,7 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
                 if requeued and respawns < 2 * workers and p.exitcode != 2:
                     respawns += 1
                     procs[w] = start(w)
-        drain(0.1)
+        drain(0)  # a worker's queued events are all readable once it has exited
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (same process group); a lone SIGTERM to us did not.
         for p in procs.values():

@@ -143,13 +143,20 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
               "seconds": time.monotonic() - started})
         return state
 
-    def identify() -> None:
-        # The claim wrote who we are (`recover` keys on it); this is where the trial trains.
+    # What the storage holds for this trial (the claim wrote who we are: `recover` keys on it); each write
+    # below is a transaction, so what is there already is not written again.
+    stored = {**trial.user_attrs, "setting": label, "seed": seed}  # the grid point is the trial's params
+
+    def store(attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            if key not in stored or stored[key] != value:
+                storage.set_trial_user_attr(tid, key, value)
+                stored[key] = value
+
+    def identify() -> None:  # where the trial trains
         with grid_lock(storage):
-            for key, value in {"device": device or "auto", "run_dir": str(run_dir), "sweep": plan.sweep.name,
-                               "profile": plan.profile.name}.items():
-                if trial.user_attrs.get(key) != value:  # a requeued trial keeps what it had
-                    storage.set_trial_user_attr(tid, key, value)
+            store({"device": device or "auto", "run_dir": str(run_dir), "sweep": plan.sweep.name,
+                   "profile": plan.profile.name})
 
     resilience.storage_call(identify, storage.url)
     emit({**base, "kind": "start", "epochs": cfg.train.epochs, "run_dir": str(run_dir)})
@@ -180,23 +187,17 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
                 raise resilience.results_dir_error(Path(results_dir), e, "the trial was queued again") from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
-    def record() -> None:
-        known = {**trial.user_attrs, "sweep": plan.sweep.name, "profile": plan.profile.name}
-        for key, value in _scalar_attrs(final).items():
-            if key not in known or known[key] != value:  # a storage write each: skip what is there
-                storage.set_trial_user_attr(tid, key, value)
-
-    resilience.storage_call(record, storage.url)
+    resilience.storage_call(lambda: store(_scalar_attrs(final)), storage.url)
     value = final.get("top1_err")
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return finish("FAIL", reason=f"final top1_err is {value!r}")
     return finish("COMPLETE", value=float(value))
 
 
-def _has_work(loaded: list[tuple[optuna.Study, Plan]]) -> bool:
+def _has_work(storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Study, Plan]]) -> bool:
     """Whether any grid point is still queued or running (so a requeue may yet come our way)."""
     for study, _ in loaded:
-        live = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        live = studies.trials_in(storage, study, (TrialState.WAITING, TrialState.RUNNING))
         if any(studies.grid_point(t) is not None for t in live):
             return True
     return False
@@ -224,10 +225,11 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
                 with grid_lock(storage):
                     # Retried after an outage, a claim may have gone through with its reply lost: the
                     # trial then carries our identity, and is ours (we train nothing while claiming).
-                    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    running = studies.trials_in(storage, study, (TrialState.RUNNING,))
+                    for t in running:
                         if t.user_attrs.get("worker") == me["worker"]:
                             return t
-                    studies.recover(storage, study)
+                    studies.recover(storage, study, running)
                     trial = studies.pop_waiting(storage, study)
                     if trial is not None:  # in the lock: a claim and its owner are never apart for long
                         tid = studies.trial_id(storage, study, trial.number)
@@ -243,7 +245,7 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
             study, plan, trial = claimed
             run_trial(storage, study, plan, trial, results_dir=results_dir, device=device,
                       data_root=plan.data_root, emit=emit, trainer=trainer, worker=worker)
-        elif resilience.storage_call(lambda: _has_work(loaded), url):
+        elif resilience.storage_call(lambda: _has_work(storage, loaded), url):
             time.sleep(POLL_S)
         else:
             return
@@ -254,10 +256,14 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
 
 
 # Imported once by the fork server the worker processes are forked from, while `ablate run` validates the
-# sweep: each worker then starts with torch, timm, the trainer and scikit-learn's loader (the digits data
-# set; seconds on its own) already loaded, instead of paying for them in its first trial.
+# sweep: each worker then starts with torch, timm and the trainer already loaded (~4 s on 2 cores),
+# instead of paying for them in its first trial. Not scikit-learn: the digits are read without it.
+# The last ones are what Optuna's RDB storage imports when a process opens its first one (0.5 s per
+# worker, serialised by the storage lock); the fork server ignores a name that does not import.
 PRELOAD = ("ablations.worker", "ablations.train", "ablations.data", "ablations.complexity", "ablations.probe",
-           "ablations.patch", "timm", "sklearn.datasets")
+           "ablations.patch", "timm",
+           "optuna.storages._rdb.models", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
+           "alembic.migration", "alembic.script")
 
 
 def process_context(trainer: str = TRAINER) -> mp.context.BaseContext:

@@ -296,6 +296,28 @@ def test_a_trial_cannot_change_the_next_ones_digits():
     assert len(torch.unique(second.train_y)) == 10
 
 
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """`_digits` reads the file scikit-learn ships (its import costs every worker 1-2 s); what it reads
+    must be exactly `load_digits()`, and the fallback through scikit-learn must give the same."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ablations import data
+
+    code = ("import sys; from ablations.data import _digits; images, labels = _digits(); "
+            "print(images.shape, labels.shape, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1797,", "8,", "8)", "(1797,)", "False"]
+    d = load_digits()
+    expected = np.concatenate([d.data, d.target[:, None]], axis=1)
+    assert np.array_equal(data._digits_csv(), expected)
+    images, labels = data._digits()
+    assert np.array_equal(images, np.rint(d.images * (255.0 / 16.0)).astype(np.uint8))
+    assert np.array_equal(labels, d.target) and labels.dtype == np.int64
+
+
 def test_input_stride_ignores_se_and_is_measured_once_per_backbone():
     from ablations.data import _input_stride
     from ablations.patch import build_model

@@ -225,6 +225,22 @@ def test_pop_never_hands_out_a_trial_twice(tmp_path, results):
     assert len(study.get_trials()) == 6  # and no phantom trial was created when the queue ran dry
 
 
+def test_trials_in_reads_what_the_study_holds_in_those_states(tmp_path, results):
+    """The workers' database-filtered reads (studies.trials_in) see exactly what Optuna's study does."""
+    plan, storage, study = queued_study(tmp_path, results)
+    first, second = studies.pop_waiting(storage, study), studies.pop_waiting(storage, study)
+    storage.set_trial_state_values(studies.trial_id(storage, study, first.number), TrialState.COMPLETE, [1.0])
+    studies.fail(storage, studies.trial_id(storage, study, second.number), "diverged")
+    third = studies.pop_waiting(storage, study)
+    for states in [(TrialState.WAITING,), (TrialState.RUNNING,), (TrialState.FAIL,), (TrialState.COMPLETE,),
+                   (TrialState.WAITING, TrialState.RUNNING)]:
+        got = studies.trials_in(storage, study, states)
+        assert [t.number for t in got] == [t.number for t in study.get_trials(states=states)], states
+    assert [t.number for t in studies.trials_in(storage, study, (TrialState.RUNNING,))] == [third.number]
+    assert [t.params for t in studies.trials_in(storage, study, (TrialState.FAIL,))] == [second.params]
+    assert len(studies.trials_in(storage, study, (TrialState.WAITING,))) == len(plan.grid()) - 3
+
+
 def test_process_alive_tells_dead_and_reused_pids():
     me = os.getpid()
     assert studies.process_alive(me, studies.process_start(me))
@@ -245,8 +261,9 @@ def test_run_trains_every_point_once_and_records_results(tmp_path, results, caps
     run_dir = results / "quick" / "mini" / "r=8" / "seed1"
     assert t.user_attrs["run_dir"] == str(run_dir.resolve())
     for key in ("top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
-                "images_per_s", "epochs", "device", "git_commit", "sweep", "profile", "setting", "seed"):
+                "images_per_s", "epochs", "device", "git_commit", "sweep", "profile"):
         assert key in t.user_attrs, key
+    assert "setting" not in t.user_attrs and "seed" not in t.user_attrs  # the trial's params already say
     assert t.intermediate_values == {1: 50.0, 2: 25.0, 3: pytest.approx(50 / 3)}
     assert len(calls(run_dir)) == 1
     out = capsys.readouterr().out
@@ -410,7 +427,7 @@ def test_no_storage_yet(results, capsys):
 
 
 def _modules_at_start(queue) -> None:
-    queue.put({name: name in sys.modules for name in ("timm", "sklearn.datasets", "ablations.train")})
+    queue.put({name: name in sys.modules for name in ("timm", "ablations.data", "ablations.train")})
 
 
 @pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="no fork server on this platform")
@@ -423,7 +440,7 @@ def test_workers_start_with_torch_timm_and_the_trainer_imported():
         p.start()
         seen[name] = queue.get(timeout=120)
         p.join(30)
-    assert seen["server"] == {"timm": True, "sklearn.datasets": True, "ablations.train": True}
+    assert seen["server"] == {"timm": True, "ablations.data": True, "ablations.train": True}
     assert seen["spawn"]["timm"] is False  # this module alone does not import it: the server did
 
 
