@@ -4,13 +4,14 @@ Writes BENCHMARKS.md and benchmarks/results.json. Timings are medians over inter
 round times every variant once, so drift in machine load hits all of them alike); ratios are of
 medians. Sections that need a GPU say so when none is present instead of estimating.
 
-    python benchmarks/bench.py [--quick] [--skip time_to_table,scheduler]
+    python benchmarks/bench.py [--only cpu_inference,scheduler] [--rounds 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -70,12 +71,39 @@ def interleaved_medians(fns: dict, rounds: int, warmup: int = 2, block: int = 1)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+INFERENCE_PROCESSES = 3  # fresh processes: a process's own state moves these ratios by a few percent
+
+
 def cpu_inference(rounds: int) -> dict:
     """Batch 1 at 224, eval, inference mode, all CPU threads: the paper's CPU figure.
 
-    A second, identical ResNet-50 is timed like every variant: its ratio to the first is this
-    machine's noise floor for the ratios.
+    Measured in INFERENCE_PROCESSES fresh processes, one after another: within a process the timings
+    are steady (instances of one model agree to 0.1%), but from one process to the next the same
+    models' ratio moves by a few percent (memory placement, the other core's neighbours), so one
+    process's ratio is one sample. Quoted: the median over processes of each process's medians.
     """
+    ctx = mp.get_context("spawn")
+    runs = []
+    for _ in range(INFERENCE_PROCESSES):
+        with ctx.Pool(1) as pool:
+            runs.append(pool.apply(cpu_inference_in_process, (rounds,)))
+    per_model = {row["model"]: [] for row in runs[0]["rows"]}
+    for run in runs:
+        for row in run["rows"]:
+            per_model[row["model"]].append(row)
+    rows = [{"model": k, "ms": statistics.median(x["ms"] for x in v), "ratio": statistics.median(x["ratio"] for x in v)}
+            for k, v in per_model.items()]
+    out = {k: statistics.median(run[k] for run in runs)
+           for k in ("se_ratio", "noise_ratio", "timm_seresnet50_ms", "patched_ms", "patched_vs_timm")}
+    return {**out, "threads": runs[0]["threads"], "rows": rows, "block": runs[0]["block"], "rounds": rounds,
+            "processes": len(runs), "se_ratio_per_process": [run["se_ratio"] for run in runs],
+            "noise_ratio_per_process": [run["noise_ratio"] for run in runs],
+            "patched_vs_timm_per_process": [run["patched_vs_timm"] for run in runs], "ops": se_op_breakdown()}
+
+
+def cpu_inference_in_process(rounds: int) -> dict:
+    """One process's interleaved medians. A second, identical ResNet-50 is timed like every variant:
+    its ratio to the first is the noise floor within the process."""
     import timm
 
     backbone = BackboneSpec(stride_in_1x1=True)
@@ -96,6 +124,30 @@ def cpu_inference(rounds: int) -> dict:
             "noise_ratio": med[NULL_CONTROL] / base, "block": 5, "rounds": rounds,
             "timm_seresnet50_ms": med["timm seresnet50"] * 1e3,
             "patched_ms": med["patched (= seresnet50)"] * 1e3, "patched_vs_timm": patched}
+
+
+def se_op_breakdown(calls: int = 20) -> dict:
+    """Where SE's CPU inference time goes: torch.profiler's self CPU ms per forward, by aten op, for
+    ResNet-50 and standard SE; ops whose time differs by more than 0.05 ms, and the convolutions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backbone = BackboneSpec(stride_in_1x1=True)
+    x = torch.randn(1, 3, 224, 224)
+    per_op = {}
+    for label in ("ResNet-50", "SE (standard)"):
+        model = build_model(backbone, VARIANTS[label]).eval()
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    model(x)
+        per_op[label] = {e.key: e.self_cpu_time_total / calls / 1e3 for e in prof.key_averages()}
+    plain, se = per_op["ResNet-50"], per_op["SE (standard)"]
+    rows = [{"op": k, "plain_ms": plain.get(k, 0.0), "se_ms": se.get(k, 0.0)} for k in set(plain) | set(se)
+            if abs(plain.get(k, 0.0) - se.get(k, 0.0)) > 0.05 or k == "aten::mkldnn_convolution"]
+    rows.sort(key=lambda r: -abs(r["se_ms"] - r["plain_ms"]))
+    return {"rows": rows, "plain_total_ms": sum(plain.values()), "se_total_ms": sum(se.values())}
 
 
 def quick_train_step(rounds: int) -> dict:
@@ -279,9 +331,12 @@ def render(r: dict) -> str:
     inf = r.get("cpu_inference")
     if inf:
         row("CPU inference SE-ResNet-50 / ResNet-50 (batch 1, 224)",
-            f"{inf['se_ratio']:.3f} (noise floor {inf['noise_ratio']:.3f})", f"≤ {GOALS['cpu_inference']}",
+            f"{inf['se_ratio']:.3f} (median of {inf['processes']} processes: "
+            f"{', '.join(f'{x:.3f}' for x in inf['se_ratio_per_process'])})", f"≤ {GOALS['cpu_inference']}",
             inf["se_ratio"] <= GOALS["cpu_inference"], "python benchmarks/bench.py --only cpu_inference")
-        row("patched standard SE / timm seresnet50 (CPU inference)", f"{inf['patched_vs_timm']:.3f}",
+        row("patched standard SE / timm seresnet50 (CPU inference)",
+            f"{inf['patched_vs_timm']:.3f} (per process: "
+            f"{', '.join(f'{x:.3f}' for x in inf.get('patched_vs_timm_per_process', []))})",
             f"≤ {GOALS['patched_vs_timm']}", inf["patched_vs_timm"] <= GOALS["patched_vs_timm"],
             "python benchmarks/bench.py --only cpu_inference")
     gpu = r.get("gpu_train_step", {})
@@ -329,12 +384,21 @@ def render(r: dict) -> str:
     if inf:
         lines += ["", f"## SE overhead, CPU inference (batch 1, 224×224, {inf['threads']} threads, ResNet-50 "
                   "with stride in 1×1)", "",
-                  f"{inf['rounds']} rounds; in each, every model runs one untimed call, then {inf['block']} timed "
-                  "ones. The second ResNet-50 is identical to the first: its ratio is the noise floor.", "",
+                  f"{inf['processes']} fresh processes, one after another; in each, {inf['rounds']} rounds in which "
+                  f"every model runs one untimed call, then {inf['block']} timed ones. Quoted: medians over the "
+                  "processes. The second ResNet-50 is identical to the first: its ratio is the noise floor within "
+                  "a process (per process: "
+                  f"{', '.join(f'{x:.3f}' for x in inf['noise_ratio_per_process'])}).", "",
                   "| model | ms | ratio |", "|---|---|---|"]
         lines += [f"| {x['model']} | {x['ms']:.1f} | {x['ratio']:.3f} |" for x in inf["rows"]]
         lines += ["", f"timm `seresnet50` {inf['timm_seresnet50_ms']:.1f} ms vs patched standard SE (bias, "
                   f"timm layout) {inf['patched_ms']:.1f} ms: ratio {inf['patched_vs_timm']:.3f}."]
+        ops = inf.get("ops")
+        if ops:
+            lines += ["", "Where the time goes (torch.profiler, self CPU ms per forward, by op; ops whose time "
+                      f"differs by > 0.05 ms, and the convolutions). Totals: ResNet-50 {ops['plain_total_ms']:.1f} ms, "
+                      f"SE {ops['se_total_ms']:.1f} ms.", "", "| op | ResNet-50 ms | SE ms |", "|---|---|---|"]
+            lines += [f"| `{x['op']}` | {x['plain_ms']:.2f} | {x['se_ms']:.2f} |" for x in ops["rows"]]
     qt = r.get("quick_train_step")
     if qt:
         lines += ["", f"## SE overhead, quick-profile training step (batch {qt['batch']}, {qt['input_size']}×"
@@ -388,25 +452,43 @@ NOTES = """\
   residual addition (`addcmul`, the SENet authors' "Axpy"; in place at inference). timm's own block
   forward stays the reference: `tests/test_se_patch.py::test_fused_standard_se_matches_reference`
   checks outputs and every gradient, train and inference.
-- **CPU inference ratio: not met.** Timed op by op on this machine, the 16 standard SE blocks add
-  about 1.5 ms to a ~75 ms forward (pooling 17–45 µs, the two FCs 7–60 µs, the fused scale+add no
-  more than the plain addition), about 2%. The rest shows up inside the convolutions (a profile put
-  2.6 ms more per forward in the SE model's convs), most likely its 10 MB of SE weights evicting
-  cached data. The identical second ResNet-50 is 1.4% off
-  the first, so ratios here are good to about ±1.5%. The paper's 1.018 is not reached here.
-- **Scheduler overhead** is measured with sleeping trials, so every millisecond beyond the sleep is the
-  scheduler's: about 25 Optuna storage calls per trial (claim, worker identity, heartbeat, a
-  checkpoint check and a curve point per epoch, the final metrics as user attributes, the state) at
-  1–2 ms each on SQLite. 95 ms per 4 s trial is 2.4%, above the 2% goal; on the quick profile's
-  real 6-epoch trials (~13 s) it is under 1%. The trainer's own per-trial work outside epochs (data,
-  model build, complexity count, probe, checkpoints) is the "outside epochs" column: 0.4 s, down from
-  0.8 s now that the digits and the input-stride check are cached per worker process.
-- **Two workers.** Workers are forked from a fork server that imports torch, timm, scikit-learn and the
-  trainer once while `ablate run` validates the sweep, so the first trial no longer pays ~6 s of
-  imports (before: 1.32× on these trials). Between the first claim and the last result two workers
-  run the sleeping trials 1.98× faster; end to end it is 1.74×, because the ~7 s of start-up
-  (interpreter, torch/timm imports, validation, the study) is paid once either way. Real trials on
-  the two shared cores gain less: the same epochs cost 9% more CPU time side by side.
+- **CPU inference ratio: not met.** The op profile above puts SE's own work at about 2 ms per image,
+  net of the residual addition that the fused scale+add replaces:
+  - the two FC matrix–vector products (`aten::mm`), ~0.9 ms. The 10 MB of FC weights are read from
+    memory for every image, because the 100 MB of conv weights evict them. Timed alone with cold
+    caches they stream at ~12 GB/s, below the 19 GB/s one core reads here (34 GB/s with two);
+  - the squeeze (`sum`, `div_` and their small ops over 5.5 M activations), ~0.9 ms;
+  - the gate, ~0.1 ms.
+
+  Against this machine's ~68 ms ResNet-50 forward that is ~3%, so SE's own work alone is above the 2%
+  goal. The paper's 1.018 came from a CPU on which ResNet-50 took 164 ms, where the same 2 ms would be
+  1.2%. The convolution rows differ by ±2 ms between the two profiled models, which is noise
+  (they run one after the other). Timed ratios on this shared 2-core VM move by a few percent from
+  one process to the next: see the per-process figures in the summary, and the identical second
+  ResNet-50 at 0.97–1.00. The figure is therefore a median over fresh processes.
+- **Scheduler overhead: met** (51 ms per 4 s sleeping trial, 1.3%; it was 95 ms, 2.4%).
+  - **What cost most:** reading trials through `study.get_trials`. Optuna's cache behind it reloads
+    every unfinished trial on every call, whatever states are asked for. That is every queued point:
+    5 ms a call at 18 points, 50 ms at 300, and each claim made about six such calls.
+  - **The fix:** workers read RUNNING, WAITING and FAIL trials with a database-filtered query
+    (`studies.trials_in`, tested against `study.get_trials`) and look each study's id up once.
+    `setting` and `seed` are no longer stored as user attributes, since they are the trial's params.
+  - **What remains:** about 18 attribute writes at ~1.2 ms each (Optuna has no batched write) and
+    about 10 reads per trial.
+  - **Trainer's own overhead:** its per-trial work outside epochs (data, model build, complexity
+    count, probe, checkpoints) is the "outside epochs" column.
+- **Two workers: not met end to end; 1.99× from the first claim to the last result.**
+  - **Start-up before the first claim** is now ~5 s, down from ~7 s. Workers are forked from a fork
+    server that imports torch, timm, the trainer and Optuna's storage stack (alembic, the SQLAlchemy
+    ORM) while `ablate run` validates the sweep. The storage stack alone costs 0.5 s per process, and
+    the storage lock serialises it across workers. Workers no longer import scikit-learn: the digits
+    are read from the file scikit-learn ships, and `tests/test_data.py` checks they equal
+    `load_digits()`.
+  - **What remains is paid once, whatever the worker count:** ~4.5 s of interpreter start and
+    torch/timm imports, which validating the sweep needs, and ~1.4 s of interpreter exit with torch
+    loaded (part of the wall time the user waits). On 48 s of trials that holds two workers just under
+    1.8×.
+  - **Real 2-epoch trials on the two shared cores** gain 1.75×, up from 1.59×.
 - **GPU figures** (training step at batch 256 bf16/channels_last eager and compiled, cifar trainer
   throughput) are measured by the same script when CUDA is present; the cifar time-to-table needs
   CIFAR-10 on disk and a GPU. No GPU machine was lent to the session that recorded this file, so
