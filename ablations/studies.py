@@ -449,5 +449,6 @@ def recover(storage: optuna.storages.RDBStorage, study: optuna.Study,
         if fail(storage, trial_id(storage, study, t.number), reason):
             requeue(study, storage.get_trial(trial_id(storage, study, t.number)))
     optuna.storages.fail_stale_trials(study)
-    # Under grid_lock only this function ends RUNNING trials, so those gone from RUNNING were failed here.
+    # Every change to a trial's state happens under grid_lock, which we hold: those gone from RUNNING
+    # since `running` was read were failed here.
     return sorted(before - {t.number for t in trials_in(storage, study, (TrialState.RUNNING,))})

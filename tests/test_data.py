@@ -296,7 +296,7 @@ def test_a_trial_cannot_change_the_next_ones_digits():
     assert len(torch.unique(second.train_y)) == 10
 
 
-def test_digits_are_scikit_learns_read_without_importing_it():
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     """`_digits` reads the file scikit-learn ships (its import costs every worker 1-2 s); what it reads
     must be exactly `load_digits()`, and the fallback through scikit-learn must give the same."""
     import subprocess
@@ -316,6 +316,10 @@ def test_digits_are_scikit_learns_read_without_importing_it():
     images, labels = data._digits()
     assert np.array_equal(images, np.rint(d.images * (255.0 / 16.0)).astype(np.uint8))
     assert np.array_equal(labels, d.target) and labels.dtype == np.int64
+    import importlib.util  # scikit-learn's file not found: read through load_digits() instead
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert np.array_equal(data._digits_csv(), expected)
 
 
 def test_input_stride_ignores_se_and_is_measured_once_per_backbone():
