@@ -1,5 +1,3 @@
-import sys
+from ablations.cli import entry
 
-from ablations.cli import main
-
-sys.exit(main())
+entry()

@@ -128,6 +128,7 @@ class Progress:
         self.printed: set[str] = set()
         self.counts: Counter[str] = Counter()
         self.refresh()
+        self.shown = self.bar.n  # finished points when the run started: the next line says one more
 
     def log(self, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
@@ -170,7 +171,8 @@ class Progress:
             bar.set_postfix(_short(ev["metrics"]))
         elif kind == "end":
             self.refresh()
-            done = self.counts["COMPLETE"] + self.counts["FAIL"]
+            # Two workers that finish together both find 2 more points done: one number each.
+            done = self.shown = min(self.counts["COMPLETE"] + self.counts["FAIL"], self.shown + 1)
             if ev["state"] == "COMPLETE" and not self.bars:
                 self.log(f"[{done}/{self.total}] {ev['study']} {label}: top1_err {ev['value']:.2f}% "
                          f"({ev['seconds']:.0f} s)")

@@ -99,9 +99,10 @@ def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, checked: bool = False) -> optuna.storages.RDBStorage:
     """The RDB storage with heartbeats on; a stale trial is requeued by `requeue` (Optuna's retry
-    callback contract)."""
+    callback contract). `checked`: the process that started us has just created and checked the tables
+    (`ablate run`'s workers), so neither is done again, nor taken the lock that guards creating them."""
     path = sqlite_path(url)
     if path is not None:
         try:
@@ -113,11 +114,17 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {"creator": _sqlite_connector(path)} if path is not None else {"pool_pre_ping": True}
 
     def connect() -> optuna.storages.RDBStorage:
-        with _lock(url):  # Optuna creating tables in a new database is not safe to do twice at once
+        def rdb() -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=requeue,
+                heartbeat_stale_trial_callback=requeue, skip_table_creation=checked,
+                skip_compatibility_check=checked,
             )
+
+        if checked:
+            return rdb()
+        with _lock(url):  # Optuna creating tables in a new database is not safe to do twice at once
+            return rdb()
 
     shown = safe_url(url)
     started = time.monotonic()
@@ -129,6 +136,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         waited = time.monotonic() - started
         after = f" (gave up after {waited:.0f} s of retries)" if waited >= 1 else ""
         raise SpecError(f"cannot open storage: {first_line(e)}{after}", source="--storage", key=shown) from None
+    # Closing SQLite's last connection folds its write-ahead log back into the .db file: when the
+    # storage is collected, or at exit (also when the CLI skips the interpreter's teardown, cli.exit_fast),
+    # so a results dir copied after `ablate run` holds every result in optuna.db alone.
+    weakref.finalize(storage, storage.engine.dispose)
     return storage
 
 

@@ -204,14 +204,16 @@ def _has_work(storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Stu
 
 
 def work(url: str, study_names: list[str], *, results_dir: str | Path, device: str | None,
-         data_root: str | None, emit: Emit, trainer: str = TRAINER, worker: int = 0) -> None:
+         data_root: str | None, emit: Emit, trainer: str = TRAINER, worker: int = 0,
+         checked: bool = False) -> None:
     """Train queued trials of `study_names` (in that order) until none is queued or running anywhere.
 
     Waiting for trials other processes run is deliberate: if one of them dies, its trial is requeued
     (dead pid on this host at once, heartbeat grace period elsewhere) and one of us resumes it.
+    `checked`: started by `ablate run`, which has just opened the storage (studies.open_storage).
     """
     resilience.check_writable(Path(results_dir))  # before claiming anything
-    storage = studies.open_storage(url)
+    storage = studies.open_storage(url, checked)
     loaded = []
     for name in study_names:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -313,7 +315,7 @@ def process_main(url: str, study_names: list[str], results_dir: str, device: str
         torch.set_num_threads(threads)
     try:
         work(url, study_names, results_dir=results_dir, device=device, data_root=data_root,
-             emit=queue.put, trainer=trainer, worker=worker)
+             emit=queue.put, trainer=trainer, worker=worker, checked=True)
     except KeyboardInterrupt:
         pass
     except SpecError as e:  # the machine, not a trial (results dir full, storage gone): one line, exit 2

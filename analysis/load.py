@@ -8,9 +8,11 @@ on another machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +56,20 @@ def _optuna():
     return optuna
 
 
-def _studies(storage_url: str, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
-    optuna = _optuna()
+@contextlib.contextmanager
+def _open(url: str) -> Iterator[Any]:
+    """The storage, read and closed: an open SQLite connection keeps the database's write-ahead log
+    beside it (optuna.db-wal) until it closes."""
+    storage = _optuna().storages.RDBStorage(url)
+    try:
+        yield storage
+    finally:
+        storage.engine.dispose()
+
+
+def _studies(storage: Any, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
     out = []
-    for s in optuna.get_all_study_summaries(storage_url, include_best_trial=False):
+    for s in storage.get_all_studies():
         attrs = dict(s.user_attrs)
         # Studies are named f"{sweep}-{profile}"; the attrs are authoritative, the name a fallback.
         name_sweep, _, name_profile = s.study_name.rpartition("-")
@@ -74,17 +86,19 @@ def load_studies(results_dir: str | Path, storage: str | None = None, *, sweep: 
     url = resolve_storage(results_dir, storage)
     if url is None:
         return {}
-    return {(a["sweep"], a["profile"]): a for _, a in _studies(url, sweep, profile)}
+    with _open(url) as st:
+        return {(a["sweep"], a["profile"]): a for _, a in _studies(st, sweep, profile)}
 
 
 def _storage_rows(url: str, sweep: str | None, profile: str | None) -> list[dict[str, Any]]:
     optuna = _optuna()
 
-    storage = optuna.storages.get_storage(url)
     rows = []
-    for name, study_attrs in _studies(url, sweep, profile):
-        study = optuna.load_study(study_name=name, storage=storage)
-        for t in study.get_trials(deepcopy=False):
+    with _open(url) as storage:
+        trials = {name: (attrs, optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+                  for name, attrs in _studies(storage, sweep, profile)}
+    for name, (study_attrs, study_trials) in trials.items():
+        for t in study_trials:
             attrs = t.user_attrs
             # A WAITING trial queued with enqueue_trial keeps its grid point in system attrs until it runs.
             params = t.params or t.system_attrs.get("fixed_params", {})

@@ -241,6 +241,20 @@ def test_trials_in_reads_what_the_study_holds_in_those_states(tmp_path, results)
     assert len(studies.trials_in(storage, study, (TrialState.WAITING,))) == len(plan.grid()) - 3
 
 
+def test_workers_run_starts_open_the_storage_without_waiting_for_its_lock(tmp_path, results):
+    """`ablate run` has created and checked the tables: its workers skip both, and the lock guarding them."""
+    import threading
+
+    plan, storage, study = queued_study(tmp_path, results)
+    opened = []
+    with grid_lock(storage):  # held, as while another process claims a trial
+        t = threading.Thread(target=lambda: opened.append(studies.open_storage(url_of(results), checked=True)))
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive() and len(opened) == 1
+    assert len(studies.trials_in(opened[0], study, (TrialState.WAITING,))) == len(plan.grid())
+
+
 def test_process_alive_tells_dead_and_reused_pids():
     me = os.getpid()
     assert studies.process_alive(me, studies.process_start(me))
@@ -270,6 +284,22 @@ def test_run_trains_every_point_once_and_records_results(tmp_path, results, caps
     assert "r=8" in out and "original" in out  # the sweep's table was printed
     assert (results / "quick" / "mini" / "table.md").is_file()
     assert (results / "quick" / "mini" / "table.csv").is_file()
+
+
+def test_progress_lines_number_points_that_finish_together_one_each(tmp_path, results, capsys):
+    plan, storage, study = queued_study(tmp_path, results)
+    first = studies.pop_waiting(storage, study)
+    study.tell(first.number, 1.0)  # done before this run started
+    progress = scheduler.Progress(storage, [(study, plan)], results, url_of(results), bars=False)
+    pair = [studies.pop_waiting(storage, study) for _ in range(2)]
+    for t in pair:  # both finish before the first one's event is handled
+        study.tell(t.number, 2.0)
+    for t in pair:
+        progress.handle({"kind": "end", "state": "COMPLETE", "study": study.study_name, "value": 2.0,
+                         "seconds": 1.0, "setting": t.params["setting"], "seed": t.params["seed"]})
+    lines = capsys.readouterr().err.splitlines()
+    total = len(plan.grid())
+    assert [line.split()[0] for line in lines] == [f"[2/{total}]", f"[3/{total}]"]
 
 
 def test_rerun_trains_nothing_complete_and_more_seeds_extend_the_grid(tmp_path, results):
@@ -503,6 +533,43 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
         (retry,) = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
         assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_epochs"] >= 1
         assert len(calls(Path(t.user_attrs["run_dir"]))) == 2  # the killed start + one resume
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exit: `ablate` skips the interpreter's teardown (cli.exit_fast), not what a normal exit does
+
+
+def test_cli_exit_leaves_every_write_in_the_db_file_and_prints_everything(tmp_path, results):
+    """SQLite's write-ahead log must be folded into optuna.db at exit: the .db alone, copied without
+    optuna.db-wal, holds everything written. Reading (`ablate status`) must not leave the log either."""
+    from scale_helpers import env, make_plans, write_sweep
+
+    sweep = write_sweep(tmp_path)
+    queue_grid = (f"from pathlib import Path\nfrom scale_helpers import create_study, make_plans\n"
+                  f"from ablations import cli, studies\n"
+                  f"create_study(studies.storage_url({str(results)!r}, None), make_plans(Path({str(sweep)!r})))\n"
+                  f"cli.exit_fast(3)\n")
+    proc = subprocess.run([sys.executable, "-c", queue_grid], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr  # the code it was given
+    assert sorted(p.name for p in results.iterdir()) == ["optuna.db", "optuna.db.lock"]
+    copy = tmp_path / "copy" / "optuna.db"
+    copy.parent.mkdir()
+    copy.write_bytes((results / "optuna.db").read_bytes())
+    copied = optuna.load_study(study_name="mini-quick", storage=f"sqlite:///{copy}")
+    (plan,) = make_plans(sweep)
+    assert len(copied.get_trials(states=(TrialState.WAITING,))) == len(plan.grid())
+
+    status = subprocess.run([sys.executable, "-m", "ablations", "status", "--results-dir", str(results)],
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    row = status.stdout.strip().splitlines()[-1].split()  # the last line printed is there
+    assert row[:2] == ["mini-quick", str(len(plan.grid()))]
+    assert sorted(p.name for p in results.iterdir()) == ["optuna.db", "optuna.db.lock"]
+
+    bad = subprocess.run([sys.executable, "-m", "ablations", "status", "--storage", "nosuch://x"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nosuch://x" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
