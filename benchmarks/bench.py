@@ -299,6 +299,20 @@ def gpu_trainer_vs_bare(reps: int) -> dict:
             "ratio": wall["trainer"] / wall["bare fwd+bwd"]}
 
 
+def gpu_packing(epochs: int = 2) -> dict:
+    """Two cifar-profile trials on one GPU at once vs one alone (benchmarks/packing.py; synthetic
+    CIFAR-sized data, the same on-device pipeline): does `--workers 2` per GPU raise throughput?"""
+    if not torch.cuda.is_available():
+        return {"measured": False, "why": "no GPU on this machine"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "packing.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--profile", "cifar",
+                        "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=50000",
+                        "--device", "cuda", "--epochs", str(epochs), "--json", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return {"measured": True, **json.loads(out.read_text())}
+
+
 # --------------------------------------------------------------------------------------------------
 # report
 
@@ -361,6 +375,13 @@ def render(r: dict) -> str:
             gtvb["ratio"] >= GOALS["trainer_vs_bare"], "python benchmarks/bench.py --only gpu_trainer")
     else:
         row("trainer / bare images/s (cifar profile, GPU)", "—", f"≥ {GOALS['trainer_vs_bare']}", None, no_gpu)
+    pack = r.get("gpu_packing", {})
+    if pack.get("measured"):
+        row("2 cifar trials packed on one GPU / 1 alone (aggregate images/s)", f"{pack['gain']:.2f}×",
+            "> 1× (then pack)", pack["gain"] > 1, "python benchmarks/bench.py --only gpu_packing")
+    else:
+        row("2 cifar trials packed on one GPU / 1 alone (aggregate images/s)", "—", "> 1× (then pack)", None,
+            no_gpu)
     ttt = r.get("time_to_table")
     if ttt:
         row(f"time-to-table, quick Table 10 (18 trials, {ttt['workers']} workers)", f"{ttt['wall_s']:.0f} s",
@@ -414,7 +435,8 @@ def render(r: dict) -> str:
     else:
         lines += ["", "## GPU", "", f"Not measured: {no_gpu}. No GPU figure here is estimated. On a GPU "
                   "machine `make bench` measures the training step (batch 256, bf16, channels_last, eager and "
-                  "`torch.compile`) and the cifar profile's trainer vs bare model by itself."]
+                  "`torch.compile`), the cifar profile's trainer vs bare model, and two cifar trials packed on one GPU "
+                  "vs one alone, by itself."]
     if tvb:
         lines += ["", "## Trainer vs bare model (quick profile, CPU)", "",
                   f"trainer {tvb['trainer_img_s']:.0f} img/s, bare forward+backward {tvb['bare_img_s']:.0f} "
@@ -424,6 +446,10 @@ def render(r: dict) -> str:
         lines += ["", "## Trainer vs bare model (cifar profile, GPU)", "",
                   f"trainer {gtvb['trainer_img_s']:.0f} img/s, bare forward+backward {gtvb['bare_img_s']:.0f} img/s: "
                   f"{gtvb['ratio']:.3f} (wall-time medians)."]
+    if pack.get("measured"):
+        lines += ["", "## Packing trials on one GPU (cifar profile)", "", "| trials at once | images/s | wall s |",
+                  "|---|---|---|"]
+        lines += [f"| {x['trials']} | {x['img_s']:.0f} | {x['wall_s']:.1f} |" for x in pack["rows"]]
     if sch and "sleep" in sch:
         lines += ["", "## Scheduler", "",
                   f"Sleeping trials (`benchmarks/sleep_sweep.py`: the real `ablate run` code path, a trainer that "
@@ -535,13 +561,13 @@ NOTE_TWO_WORKERS = """\
 
 NOTE_NO_GPU = """\
 - **GPU figures** (training step at batch 256 bf16/channels_last eager and compiled, cifar trainer
-  throughput) are measured by the same script when CUDA is present; the cifar time-to-table needs
+  throughput, two cifar trials packed on one GPU) are measured by the same script when CUDA is present; the cifar time-to-table needs
   CIFAR-10 on disk and a GPU. No GPU machine was lent to the session that recorded this file, so
   none is given or estimated."""
 
 
-SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "gpu_trainer", "time_to_table",
-            "scheduler")
+SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "gpu_trainer", "gpu_packing",
+            "time_to_table", "scheduler")
 
 
 def main() -> None:
@@ -561,6 +587,7 @@ def main() -> None:
              "gpu": lambda: gpu_train_step(args.rounds),
              "trainer_vs_bare": lambda: trainer_vs_bare(args.reps),
              "gpu_trainer": lambda: gpu_trainer_vs_bare(args.reps),
+             "gpu_packing": gpu_packing,
              "time_to_table": lambda: time_to_table(args.workers),
              "scheduler": scheduler_overhead}
     keys = {"gpu": "gpu_train_step", "gpu_trainer": "gpu_trainer_vs_bare"}
