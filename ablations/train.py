@@ -367,9 +367,16 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
+def autocast(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The training step's autocast context: bf16 on CUDA when the profile asks for it, else none."""
+    bf16 = device.type == "cuda" and spec.bf16
+    return lambda: torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
-                amp: Callable[[], Any], bar, dist: Dist | None = None) -> tuple[int, float, float, float]:
-    """One pass over this rank's shard. Returns (next step, mean train loss over all ranks, last LR,
+                amp: Callable[[], Any], bar: Any = None, dist: Dist | None = None) -> tuple[int, float, float, float]:
+    """One pass over this rank's shard (`bar`: a progress bar to update per step, or None). Returns
+    (next step, mean train loss over all ranks, last LR,
     loop seconds)."""
     dist = dist or Dist()
     spec = cfg.train
@@ -395,7 +402,8 @@ def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig
         steps += 1
         if steps % NAN_CHECK_EVERY == 0:  # all-reduced: a rank that stopped alone would hang the others
             _check_finite(dist.sum(loss_sum.clone()), epoch, step, lr)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     loss_sum = dist.sum(loss_sum) / dist.world_size
     _check_finite(loss_sum, epoch, step, lr)
     if x.device.type == "cuda":
@@ -447,7 +455,6 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     from ablations.probe import probe_excitations, save_excitations
 
     spec = cfg.train
-    cuda = dev.type == "cuda"
     mf = torch.channels_last if spec.channels_last else torch.contiguous_format
     data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
                      world_size=dist.world_size)
@@ -461,9 +468,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
     # DDP's forward may talk to the other ranks, and validation shards can differ by one batch.
     eval_net = net if dist.world_size == 1 else torch.compile(model) if spec.compile else model
 
-    def amp():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda and spec.bf16 else contextlib.nullcontext()
-
+    amp = autocast(spec, dev)
     # Claimed only now that data and model are known to work: a run that failed on bad input leaves
     # no config behind to clash with the corrected rerun.
     if dist.is_main and not (out_dir / "config.yaml").exists():

@@ -283,34 +283,37 @@ def scheduler_overhead() -> dict:
             "contention_real": real[2]["sum_train_s"] / real[1]["sum_train_s"]}
 
 
+# Synthetic 32x32 images through the cifar profile: the same in-memory, on-device pipeline as CIFAR-10,
+# which the GPU machine cannot download.
+CIFAR_ON_GPU = ("--profile", "cifar", "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=50000",
+                "--device", "cuda")
+
+
+def _script_json(script: str, *args: str) -> dict:
+    """Run benchmarks/<script> with `args` and return the JSON it writes (its --json option)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return json.loads(out.read_text())
+
+
 def gpu_trainer_vs_bare(reps: int) -> dict:
-    """The cifar profile's trainer vs bare forward+backward on a GPU (synthetic 32x32 images: the same
-    in-memory, on-device pipeline as CIFAR-10, which the GPU machine cannot download)."""
+    """The cifar profile's trainer vs bare forward+backward on a GPU."""
     if not torch.cuda.is_available():
         return {"measured": False, "why": "no GPU on this machine"}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "tvb.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trainer_throughput.py"), "--profile", "cifar",
-                        "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=50000",
-                        "--device", "cuda", "--reps", str(reps), "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wall = json.loads(out.read_text())["stats"]["wall median"]  # a GPU is not shared: wall time
+    stats = _script_json("trainer_throughput.py", *CIFAR_ON_GPU, "--reps", str(reps))["stats"]
+    wall = stats["wall median"]  # a GPU is not shared: wall time
     return {"measured": True, "trainer_img_s": wall["trainer"], "bare_img_s": wall["bare fwd+bwd"],
             "ratio": wall["trainer"] / wall["bare fwd+bwd"]}
 
 
 def gpu_packing(epochs: int = 2) -> dict:
-    """Two cifar-profile trials on one GPU at once vs one alone (benchmarks/packing.py; synthetic
-    CIFAR-sized data, the same on-device pipeline): does `--workers 2` per GPU raise throughput?"""
+    """Two cifar-profile trials on one GPU at once vs one alone (benchmarks/packing.py): does
+    `--workers 2` per GPU raise throughput?"""
     if not torch.cuda.is_available():
         return {"measured": False, "why": "no GPU on this machine"}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "packing.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--profile", "cifar",
-                        "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=50000",
-                        "--device", "cuda", "--epochs", str(epochs), "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        return {"measured": True, **json.loads(out.read_text())}
+    return {"measured": True, **_script_json("packing.py", *CIFAR_ON_GPU, "--epochs", str(epochs))}
 
 
 # --------------------------------------------------------------------------------------------------

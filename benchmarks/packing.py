@@ -14,7 +14,6 @@ process's wall time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import sys
@@ -32,21 +31,14 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
     from ablations.data import load_data
     from ablations.patch import build_model
     from ablations.spec import SESpec, Setting, load_profile, run_config
-    from ablations.train import make_optimizer, resolve_device, torch_settings, train_epoch
+    from ablations.train import autocast, make_optimizer, resolve_device, torch_settings, train_epoch
 
     cfg = run_config(load_profile(args.profile, args.set), Setting(label="SE r=16", se=SESpec()), seed=0)
     dev = resolve_device(args.device)
     spec = cfg.train
     mf = torch.channels_last if spec.channels_last else torch.contiguous_format
 
-    def amp():
-        if dev.type == "cuda" and spec.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    class NoBar:
-        def update(self, n: int = 1) -> None:
-            pass
+    amp = autocast(spec, dev)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -57,12 +49,12 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
         model = build_model(cfg.backbone, cfg.se).to(dev, memory_format=mf)
         opt = make_optimizer(model, spec)
         net = torch.compile(model) if spec.compile else model
-        step = train_epoch(net, data, opt, cfg, 0, 0, amp, NoBar())[0]  # warm-up: allocator, cudnn, compile
+        step = train_epoch(net, data, opt, cfg, 0, 0, amp)[0]  # warm-up: allocator, cudnn, compile
         sync()
         start.wait()
         t0 = time.perf_counter()
         for epoch in range(1, args.epochs + 1):
-            step = train_epoch(net, data, opt, cfg, epoch, step, amp, NoBar())[0]
+            step = train_epoch(net, data, opt, cfg, epoch, step, amp)[0]
         sync()
         out.put((args.epochs * data.images_per_epoch, time.perf_counter() - t0))
 

@@ -23,7 +23,6 @@ agree on an idle machine).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -41,7 +40,7 @@ from ablations.data import load_data  # noqa: E402
 from ablations.patch import build_model  # noqa: E402
 from ablations.runio import write_atomic  # noqa: E402
 from ablations.spec import SESpec, Setting, load_profile, run_config  # noqa: E402
-from ablations.train import make_optimizer, resolve_device, torch_settings, train_epoch  # noqa: E402
+from ablations.train import autocast, make_optimizer, resolve_device, torch_settings, train_epoch  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -94,15 +93,7 @@ def main() -> int:
         stock_opt = torch.optim.SGD(stock.parameters(), lr=spec.lr * 0.1, momentum=spec.momentum,
                                     nesterov=spec.nesterov, weight_decay=spec.weight_decay)
         stock_net = torch.compile(stock) if spec.compile else stock
-
-        def amp():
-            if dev.type == "cuda" and spec.bf16:
-                return torch.autocast("cuda", dtype=torch.bfloat16)
-            return contextlib.nullcontext()
-
-        class NoBar:
-            def update(self, n: int = 1) -> None:
-                pass
+        amp = autocast(spec, dev)
 
         images = data.images_per_epoch
         threads = torch.get_num_threads()
@@ -114,7 +105,7 @@ def main() -> int:
         for rep in range(args.reps + 1):  # repetition 0 warms up (allocator, oneDNN primitives, cudnn)
             batches = list(data.train_batches(rep, cfg.seed))  # the batches the trainer draws this epoch
             runs = {
-                "trainer": lambda rep=rep, step=step: train_epoch(net, data, opt, cfg, rep, step, amp, NoBar()),
+                "trainer": lambda rep=rep, step=step: train_epoch(net, data, opt, cfg, rep, step, amp),
                 "bare fwd+bwd": lambda batches=batches: bare(net, opt, batches, amp, dev, False),
                 "bare fwd+bwd+step": lambda batches=batches: bare(net, opt, batches, amp, dev, True),
                 "stock loop": lambda batches=batches: bare(stock_net, stock_opt, batches, amp, dev, True),
