@@ -207,8 +207,9 @@ def entry() -> None:
 def exit_fast(code: int) -> NoReturn:
     """Exit without the interpreter's teardown, which takes ~1 s with torch and timm loaded (collecting
     their modules) after the last line is out. What a normal exit does that matters still happens: the
-    atexit hooks run (multiprocessing's clean-up, weakref finalizers such as the one that closes each
-    storage and so folds SQLite's log into the .db) and the output is flushed. While a thread of ours still runs, it exits the normal way."""
+    atexit hooks run (multiprocessing's clean-up; weakref finalizers, such as the one that closes each
+    storage and so folds SQLite's log into the .db) and the output is flushed. While a thread of ours
+    still runs, it exits the normal way."""
     if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()

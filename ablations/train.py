@@ -375,9 +375,8 @@ def autocast(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.A
 
 def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
                 amp: Callable[[], Any], bar: Any = None, dist: Dist | None = None) -> tuple[int, float, float, float]:
-    """One pass over this rank's shard (`bar`: a progress bar to update per step, or None). Returns
-    (next step, mean train loss over all ranks, last LR,
-    loop seconds)."""
+    """One pass over this rank's shard, updating `bar` (if any) per step. Returns (next step, mean
+    train loss over all ranks, last LR, loop seconds)."""
     dist = dist or Dist()
     spec = cfg.train
     net.train()
