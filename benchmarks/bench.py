@@ -151,15 +151,17 @@ def se_op_breakdown(calls: int = 20) -> dict:
 
 
 def quick_train_step(rounds: int) -> dict:
-    """One SGD step (forward, backward, update) of the quick profile's model and batch."""
+    """One SGD step (forward, backward, update) of the quick profile's model and batch, in the memory
+    format the trainer uses for it."""
     profile = load_profile("quick")
     torch.set_num_threads(profile.train.threads or torch.get_num_threads())
     n, size = profile.data.batch_size, profile.data.input_size
-    x = torch.randn(n, 3, size, size)
+    mf = torch.channels_last if profile.train.channels_last else torch.contiguous_format
+    x = torch.randn(n, 3, size, size).to(memory_format=mf)
     y = torch.randint(0, profile.backbone.num_classes, (n,))
     fns = {}
     for label in ("ResNet-50", "SE (standard)", "NoSqueeze"):
-        model = build_model(profile.backbone, VARIANTS[label]).train()
+        model = build_model(profile.backbone, VARIANTS[label]).train().to(memory_format=mf)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model=model, opt=opt):
@@ -171,7 +173,7 @@ def quick_train_step(rounds: int) -> dict:
     med = interleaved_medians(fns, rounds)
     torch.set_num_threads(os.cpu_count() or 1)
     base = med["ResNet-50"]
-    return {"batch": n, "input_size": size, "threads": profile.train.threads,
+    return {"batch": n, "input_size": size, "threads": profile.train.threads, "channels_last": profile.train.channels_last,
             "rows": [{"model": k, "ms": v * 1e3, "ratio": v / base} for k, v in med.items()]}
 
 
@@ -427,8 +429,10 @@ def render(r: dict) -> str:
             lines += [f"| `{x['op']}` | {x['plain_ms']:.2f} | {x['se_ms']:.2f} |" for x in ops["rows"]]
     qt = r.get("quick_train_step")
     if qt:
+        layout = ", channels_last" if qt.get("channels_last") else ""
         lines += ["", f"## SE overhead, quick-profile training step (batch {qt['batch']}, {qt['input_size']}×"
-                  f"{qt['input_size']}, {qt['threads']} thread)", "", "| model | ms/step | ratio |", "|---|---|---|"]
+                  f"{qt['input_size']}, {qt['threads']} thread{layout})", "", "| model | ms/step | ratio |",
+                  "|---|---|---|"]
         lines += [f"| {x['model']} | {x['ms']:.1f} | {x['ratio']:.3f} |" for x in qt["rows"]]
     if gpu.get("measured"):
         lines += ["", f"## GPU training step ({gpu['device']})", "", "| mode | model | ms | img/s | ratio |",
@@ -502,12 +506,17 @@ def notes(r: dict) -> str:
 
 
 NOTE_FAST_PATHS = """\
-- **Fast paths** (`ablations/se.py`, `ablations/patch.py`): the SE FCs run as `F.linear` on the pooled
-  vector (about half the time of a 1×1 conv per FC on CPU), the squeeze pools over one flattened axis
-  (up to 1.5× faster than over (H, W) on 56×56 maps), and standard SE fuses the scaling with the
-  residual addition (`addcmul`, the SENet authors' "Axpy"; in place at inference). timm's own block
-  forward stays the reference: `tests/test_se_patch.py::test_fused_standard_se_matches_reference`
-  checks outputs and every gradient, train and inference."""
+- **Fast paths** (`ablations/se.py`, `ablations/patch.py`), each tested against a reference for
+  outputs and every gradient (`tests/test_se_patch.py`):
+  - the SE FCs run as `F.linear` on the pooled vector (about half the time of a 1×1 conv per FC on
+    CPU);
+  - the squeeze pools over one flattened axis (up to 1.5× faster than over (H, W) on 56×56 maps), as
+    a sum divided on the pooled vector: its backward passes an expanded view of the gradient on,
+    where `mean`'s writes a full-size map and then adds it (the quick profile's SE training step:
+    89 → 84 ms; `test_avg_squeeze_is_global_average_pooling_with_the_same_gradients`);
+  - standard SE fuses the scaling with the residual addition (`addcmul`, the SENet authors' "Axpy";
+    in place at inference), against timm's own block forward
+    (`test_fused_standard_se_matches_reference`, train and inference)."""
 
 PAPER_CPU_MS = 164  # the paper's ResNet-50 CPU inference time (SE-ResNet-50: 167 ms)
 
@@ -521,7 +530,7 @@ NOTE_CPU_INFERENCE = """\
     for every image, because the 100 MB of conv weights evict them from cache. Timed alone with cold
     caches they stream at 10–12 GB/s, near what a plain `sum` over the same 10 MB reads here
     (14 GB/s on one thread, 17 GB/s on two);
-  - the squeeze (`sum`, `div_` and their small ops over 5.5 M activations), ~0.9 ms;
+  - the squeeze (a `sum` over 5.5 M activations and its small ops), ~0.9 ms;
   - the gate, ~0.1 ms, then Python and op dispatch.
 
   The FC weights and the squeeze are bound by memory traffic, not arithmetic, so a different kernel

@@ -99,6 +99,22 @@ def test_se_module_definitions():
     assert SEModule(64, reduction=64).fc1.out_channels == 1
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_avg_squeeze_is_global_average_pooling_with_the_same_gradients(memory_format):
+    """The fast squeeze (a sum divided on the pooled vector) vs the definition, through 1x1 convs."""
+    torch.manual_seed(0)
+    se = SEModule(32, reduction=4, bias=True)
+    x = torch.randn(3, 32, 5, 7).to(memory_format=memory_format).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    out = se(x)
+    ref = xr * torch.sigmoid(se.fc2(torch.relu(se.fc1(xr.mean((2, 3), keepdim=True)))))
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), [x, *se.parameters()])
+    grads_ref = torch.autograd.grad(ref.square().sum(), [xr, *se.parameters()])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_nosqueeze_same_params_spatial_gate_more_macs():
     bb = BACKBONES["bottleneck"]
     se, ns = build_model(bb, SESpec()), build_model(bb, SESpec(squeeze="none", reduction=16))
