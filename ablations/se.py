@@ -68,8 +68,8 @@ class SEModule(nn.Module):
         z = x.flatten(2).sum(2) / (h * w) if self.squeeze == "avg" else x.flatten(2).amax(2)
         # On a pooled vector the 1x1 convs are matrix products: F.linear skips the convolution
         # machinery (about half the time per FC on CPU), same weights and state-dict keys.
-        h = F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias).relu_()  # in place on a fresh tensor
-        return self.gate(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias).view(n, c, 1, 1))
+        hidden = F.linear(z, self.fc1.weight.flatten(1), self.fc1.bias).relu_()  # in place on a fresh tensor
+        return self.gate(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias).view(n, c, 1, 1))
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """x * s, or with `shortcut`, x * s + shortcut in one pass (the SENet authors' "Axpy" layer).

@@ -114,17 +114,13 @@ def open_storage(url: str, checked: bool = False) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {"creator": _sqlite_connector(path)} if path is not None else {"pool_pre_ping": True}
 
     def connect() -> optuna.storages.RDBStorage:
-        def rdb() -> optuna.storages.RDBStorage:
+        # Optuna creating tables in a new database is not safe to do twice at once.
+        with contextlib.nullcontext() if checked else _lock(url):
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=requeue, skip_table_creation=checked,
                 skip_compatibility_check=checked,
             )
-
-        if checked:
-            return rdb()
-        with _lock(url):  # Optuna creating tables in a new database is not safe to do twice at once
-            return rdb()
 
     shown = safe_url(url)
     started = time.monotonic()

@@ -244,16 +244,20 @@ def _sum_train_seconds(results: Path) -> float:
 SLEEP_EPOCH_S = 2.0  # x 2 epochs: 4 s trials, as long as the quick profile's 2-epoch trials here
 
 
+def _script_json(script: str, *args: str) -> dict:
+    """Run benchmarks/<script> with `args` and return the JSON it writes (its --json option)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)], check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return json.loads(out.read_text())
+
+
 def _sleep_sweep(workers: int) -> dict:
     """benchmarks/sleep_sweep.py: the scheduler with a trainer that only sleeps (12 trials)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "sleep.json"
-        t = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sleep_sweep.py"), "--workers", str(workers),
-                        "--epoch-s", str(SLEEP_EPOCH_S), "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wall = time.perf_counter() - t
-        figures = json.loads(out.read_text())
+    t = time.perf_counter()
+    figures = _script_json("sleep_sweep.py", "--workers", str(workers), "--epoch-s", str(SLEEP_EPOCH_S))
+    wall = time.perf_counter() - t
     # As the user waits for `ablate run`: interpreter start and exit included, the script's own reading
     # of the trials' timeline after the run not.
     return {**figures, "wall_s": wall - figures["own_analysis_s"]}
@@ -289,15 +293,6 @@ def scheduler_overhead() -> dict:
 # which the GPU machine cannot download.
 CIFAR_ON_GPU = ("--profile", "cifar", "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=50000",
                 "--device", "cuda")
-
-
-def _script_json(script: str, *args: str) -> dict:
-    """Run benchmarks/<script> with `args` and return the JSON it writes (its --json option)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.json"
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        return json.loads(out.read_text())
 
 
 def gpu_trainer_vs_bare(reps: int) -> dict:
@@ -395,7 +390,7 @@ def render(r: dict) -> str:
     row("time-to-table, cifar Table 10 (GPU)", "—", "", None,
         f"{no_gpu}; on one: ablate run ratio --profile cifar --data-root <CIFAR-10 dir>")
     sch = r.get("scheduler")
-    if sch and "sleep" in sch:
+    if sch:
         row(f"scheduler overhead per trial ({sch['trial_s']:.0f} s sleeping trials, 1 worker)",
             f"{sch['overhead_per_trial_s'] * 1e3:.0f} ms = {sch['overhead_fraction']:.1%}",
             f"≤ {GOALS['scheduler_overhead']:.0%}", sch["overhead_fraction"] <= GOALS["scheduler_overhead"],
@@ -457,7 +452,7 @@ def render(r: dict) -> str:
         lines += ["", "## Packing trials on one GPU (cifar profile)", "", "| trials at once | images/s | wall s |",
                   "|---|---|---|"]
         lines += [f"| {x['trials']} | {x['img_s']:.0f} | {x['wall_s']:.1f} |" for x in pack["rows"]]
-    if sch and "sleep" in sch:
+    if sch:
         lines += ["", "## Scheduler", "",
                   f"Sleeping trials (`benchmarks/sleep_sweep.py`: the real `ablate run` code path, a trainer that "
                   f"sleeps {sch['trial_s']:.0f} s per trial): every other second is the scheduler's.", "",
@@ -472,7 +467,7 @@ def render(r: dict) -> str:
         lines += [f"| {w} | {x['wall_s']:.1f} | {x['sum_train_s']:.1f} | {x['outside_epochs_per_trial_s']:.2f} |"
                   for w, x in sch["real"].items()]
         lines += ["", f"With two workers on the two cores the same epochs took {sch['contention_real']:.2f}× "
-                  "the CPU time (both workers share the memory bandwidth and caches)."]
+                  "the training time they took with one (Σ train s)."]
     if ttt:
         lines += ["", f"Time-to-table ran {ttt['sum_train_s']:.0f} s of training in {ttt['wall_s']:.0f} s wall with "
                   f"{ttt['workers']} workers ({ttt['sum_train_s'] / ttt['wall_s']:.2f}× parallel)."]
@@ -490,7 +485,7 @@ def notes(r: dict) -> str:
         out.append(NOTE_CPU_INFERENCE.format(verdict=verdict_, added=(inf["se_ratio"] - 1) * plain, plain=plain,
                                              share=inf["se_ratio"] - 1, paper_speed=PAPER_CPU_MS / plain))
     sch = r.get("scheduler")
-    if sch and "sleep" in sch:
+    if sch:
         one, two = sch["sleep"].values()  # 1 and 2 workers (JSON keeps the order, not the int keys)
         out.append(NOTE_SCHEDULER.format(
             overhead_ms=sch["overhead_per_trial_s"] * 1e3, fraction=sch["overhead_fraction"],
@@ -512,8 +507,9 @@ NOTE_FAST_PATHS = """\
     CPU);
   - the squeeze pools over one flattened axis (up to 1.5× faster than over (H, W) on 56×56 maps), as
     a sum divided on the pooled vector: its backward passes an expanded view of the gradient on,
-    where `mean`'s writes a full-size map and then adds it (the quick profile's SE training step:
-    89 → 84 ms; `test_avg_squeeze_is_global_average_pooling_with_the_same_gradients`);
+    where `mean`'s writes a full-size map and then adds it (the quick profile's SE training step in
+    channels_last, timed interleaved once before and after the change: 89 → 84 ms;
+    `test_avg_squeeze_is_global_average_pooling_with_the_same_gradients`);
   - standard SE fuses the scaling with the residual addition (`addcmul`, the SENet authors' "Axpy";
     in place at inference), against timm's own block forward
     (`test_fused_standard_se_matches_reference`, train and inference)."""
@@ -528,8 +524,8 @@ NOTE_CPU_INFERENCE = """\
   scale+add replaces):
   - the two FC matrix–vector products (`aten::mm`), ~0.9 ms: 10 MB of FC weights read from memory
     for every image, because the 100 MB of conv weights evict them from cache. Timed alone with cold
-    caches they stream at 10–12 GB/s, near what a plain `sum` over the same 10 MB reads here
-    (14 GB/s on one thread, 17 GB/s on two);
+    caches (a one-off measurement, not part of `make bench`) they stream at 10–12 GB/s, near what a
+    plain `sum` over the same 10 MB reads here (14 GB/s on one thread, 17 GB/s on two);
   - the squeeze (a `sum` over 5.5 M activations and its small ops), ~0.9 ms;
   - the gate, ~0.1 ms, then Python and op dispatch.
 
@@ -558,24 +554,24 @@ NOTE_TWO_WORKERS = """\
   result).** What is paid once, whatever the worker count, keeps the end-to-end figure below 2×:
   - **Start-up before the first claim** ({startup_1:.1f} s with one worker, {startup_2:.1f} s with two):
     the interpreter, importing torch and timm to validate the sweep (timm imports torchvision, which
-    imports `torch._dynamo`: ~1.5 s of the ~3.8 s), and creating the storage. Workers are forked from
-    a fork server that imports torch, timm, the trainer and Optuna's storage stack while `ablate run`
-    validates, and they open the storage without re-creating or re-checking its tables (nor waiting
-    for the lock that guards that). Workers read the digits from the file scikit-learn ships
-    without importing it.
+    imports `torch._dynamo`: ~1.5 s of the ~3.8 s, by `python -X importtime -c "import timm"`), and
+    creating the storage. Workers are forked from a fork server that imports torch, timm, the
+    trainer and Optuna's storage stack while `ablate run` validates, and they open the storage
+    without re-creating or re-checking its tables (nor waiting for the lock that guards that).
+    Workers read the digits from the file scikit-learn ships without importing it.
   - **Exit:** `ablate` ends with `os._exit` once the atexit hooks have run and the output is flushed
     (`cli.exit_fast`). The interpreter's own teardown with torch and timm loaded took ~1.1 s of the
     user's wall time. Every storage's connections are closed at exit by a finalizer, which folds
     SQLite's write-ahead log into optuna.db; `tests/test_scheduler.py` checks that the .db file alone
     holds every write and that no log is left beside it.
-  - **Real 2-epoch trials on the two shared cores** gain {real:.2f}×: the same epochs took
-    {contention:.2f}× the CPU time with both cores busy (shared memory bandwidth and caches)."""
+  - **Real 2-epoch trials on the two shared cores** gain {real:.2f}×; their epochs took {contention:.2f}×
+    the training time they took with one worker (the two share memory bandwidth and caches)."""
 
 NOTE_NO_GPU = """\
 - **GPU figures** (training step at batch 256 bf16/channels_last eager and compiled, cifar trainer
-  throughput, two cifar trials packed on one GPU) are measured by the same script when CUDA is present; the cifar time-to-table needs
-  CIFAR-10 on disk and a GPU. No GPU machine was lent to the session that recorded this file, so
-  none is given or estimated."""
+  throughput, two cifar trials packed on one GPU) are measured by the same script when CUDA is
+  present; the cifar time-to-table needs CIFAR-10 on disk and a GPU. No GPU machine was lent to the
+  session that recorded this file, so none is given or estimated."""
 
 
 SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "gpu_trainer", "gpu_packing",

@@ -71,7 +71,7 @@ def main() -> None:
 
     from scale_helpers import FAKE, make_plans, write_sweep
 
-    from ablations import cli, scheduler, studies, worker
+    from ablations import cli, runio, scheduler, studies, worker
 
     if args.workers > 1:  # as `ablate run` does: the workers' imports overlap the validation
         worker.process_context(FAKE)
@@ -91,7 +91,7 @@ def main() -> None:
            **line}
     out["overhead_per_trial_s"] = out["inside_trial_s"] + out["between_trials_s"]
     out["own_analysis_s"] = time.time() - ended  # this script's, after the run: not part of `ablate run`
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    runio.write_atomic(args.json, json.dumps(out, indent=2))
     cli.exit_fast(0)  # as `ablate run` ends (its wall time includes the exit)
 
 
