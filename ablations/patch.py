@@ -141,6 +141,7 @@ def _small_stem(model: ResNet, in_chans: int) -> None:
     """3x3 stride-1 stem and no max-pool: keeps resolution for 32x32-sized inputs."""
     width = model.bn1.num_features
     model.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's stem
     model.maxpool = nn.Identity()
 
 

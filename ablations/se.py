@@ -56,6 +56,17 @@ class SEModule(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
         # A module of its own so the excitation s can be read with a forward hook (probe.py).
         self.gate = GATES[gate]()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's ResNet init for every conv (`ResNet.init_weights`): kaiming normal, fan_out, ReLU gain.
+
+        The blocks are inserted after timm initialised the backbone, so without this they would keep
+        PyTorch's default (std ~10x smaller for fc1), and the gates would start and stay near 0.5. Biases,
+        when on, keep PyTorch's default, as in timm's `seresnet*`.
+        """
+        for fc in (self.fc1, self.fc2):
+            nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
 
     def excite(self, x: torch.Tensor) -> torch.Tensor:
         """The excitation s: [N, C, 1, 1] (NoSqueeze: [N, C, H, W]), the output of `self.gate`."""

@@ -150,6 +150,8 @@ class TrainSpec(Frozen):
     step_every: int = Field(30, gt=0)  # step schedule: decay every this many epochs (paper: 30)
     step_gamma: float = Field(0.1, gt=0, le=1)  # step schedule: decay factor (paper: 0.1)
     warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length
+    precise_bn: int = Field(0, ge=0)  # BN statistics recomputed over this many training batches before
+    #                                  each evaluation (pycls's precise BN); 0: the running averages
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format (CUDA and CPU: faster for oneDNN convs too)
     compile: bool = False  # torch.compile the model

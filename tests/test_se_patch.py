@@ -196,8 +196,10 @@ def test_fused_standard_se_matches_reference(block, squeeze, gate):
     ref = build_model(BACKBONES[block], spec, fused=False)
     fast = build_model(BACKBONES[block], spec, fused=True)
     fast.load_state_dict(ref.state_dict())
+    # float64: the two forwards sum in other orders, which float32 shows as ~1e-5 relative noise
+    ref, fast = ref.double(), fast.double()
     assert type(fast.layer1[0]).__name__.startswith("Fused") and not type(ref.layer1[0]).__name__.startswith("Fused")
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     # training mode: outputs, input gradients and every parameter gradient agree
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_r, out_f = ref(xr), fast(xf)
@@ -237,3 +239,31 @@ def test_fused_block_compiles_and_trains():
     compiled(x).square().mean().backward()
     torch.optim.SGD(block.parameters(), lr=0.1).step()
     assert not torch.equal(before, block.se.fc1.weight)
+
+
+def test_se_init_matches_timms_seresnet50():
+    """A freshly built standard SE ResNet-50 is initialised like timm's `seresnet50`, SE layers
+    included (kaiming normal, fan_out): same per-layer weight spread, block by block."""
+    import timm
+
+    torch.manual_seed(0)
+    ours = build_model(BackboneSpec(arch="resnet50"), SESpec(reduction=16, bias=True))
+    theirs = timm.create_model("seresnet50", pretrained=False)
+    ours_se = [m for m in ours.modules() if isinstance(m, SEModule)]
+    theirs_se = [m for n, m in theirs.named_modules() if n.endswith(".se")]
+    assert len(ours_se) == len(theirs_se) == 16
+    for a, b in zip(ours_se, theirs_se):
+        for fc in ("fc1", "fc2"):
+            wa, wb = getattr(a, fc).weight, getattr(b, fc).weight
+            assert wa.shape == wb.shape
+            expected = (2.0 / (wa.shape[0] * wa.shape[2] * wa.shape[3])) ** 0.5  # kaiming, fan_out
+            for w in (wa, wb):
+                assert abs(w.std().item() / expected - 1) < 0.1, (a.name, fc, w.std().item(), expected)
+                assert abs(w.mean().item()) < 0.1 * expected
+            ba, bb = getattr(a, fc).bias, getattr(b, fc).bias  # PyTorch's default in both
+            bound = 1 / wa.shape[1] ** 0.5
+            assert ba.abs().max() <= bound and bb.abs().max() <= bound
+    # The paper's bias-free FCs get the same weight init, and the gates start spread around 0.5
+    plain = build_model(BackboneSpec(arch="resnet50"), SESpec())
+    fc1 = se_blocks(plain)["SE_2_1"].fc1.weight
+    assert abs(fc1.std().item() / (2.0 / 16) ** 0.5 - 1) < 0.1

@@ -27,6 +27,7 @@ from ablations.train import (
     TrialFailed,
     lr_at,
     make_optimizer,
+    precise_bn,
     train,
 )
 
@@ -83,6 +84,35 @@ def test_lr_step_and_constant():
     assert lr_at(95 * 5, step, 5) == pytest.approx(0.6e-3)
     const = TrainSpec(lr=0.3, schedule="constant", warmup_epochs=0.5)
     assert lr_at(0, const, 4) == pytest.approx(0.15) and lr_at(9, const, 4) == pytest.approx(0.3)
+
+
+class _Batches:
+    """Training batches as precise_bn reads them: `train_batches(epoch, seed)`."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def train_batches(self, epoch, seed):
+        yield from self.batches
+
+
+def test_precise_bn_averages_batch_statistics_and_leaves_momentum():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    batches = [(torch.randn(8, 3, 5, 5) * (i + 1) + i, None) for i in range(4)]
+    model.eval()
+    precise_bn(model, _Batches(batches), epoch=0, seed=0, batches=3, amp=lambda: torch.no_grad())
+    bn = model[1]
+    with torch.no_grad():
+        feats = [model[0](x) for x, _ in batches[:3]]  # only the first 3 batches count
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+    before = bn.running_mean.clone()
+    precise_bn(model, _Batches(batches), epoch=0, seed=0, batches=0, amp=lambda: torch.no_grad())
+    torch.testing.assert_close(bn.running_mean, before)  # 0 batches: untouched
 
 
 def test_weight_decay_skips_bn_and_bias():
