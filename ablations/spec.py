@@ -164,6 +164,8 @@ class Profile(Frozen):
 
     name: str  # profile name; defaults to the file's stem
     description: str = ""  # one line for --help and the README
+    comparable_tables: tuple[int, ...] = ()  # paper tables whose published numbers this recipe reproduces
+    #                                          (empty: compare ranks and directions only, not errors)
     backbone: BackboneSpec = BackboneSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
