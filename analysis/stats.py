@@ -68,6 +68,34 @@ def welch(x: Iterable[float], reference: Iterable[float]) -> tuple[float, float]
     return delta, p
 
 
+ALPHA = 0.05  # two-sided significance level of every test and of the minimum detectable effect
+POWER = 0.8  # power at which the minimum detectable effect is stated
+
+
+def mde(n: int, sd: float, paired: bool = True, n_ref: int | None = None, alpha: float = ALPHA,
+        power: float = POWER) -> float:
+    """Minimum detectable effect (in the units of `sd`) of a two-sided t-test at `alpha` and `power`.
+
+    Paired (n pairs): `sd` is the standard deviation of the per-seed differences (statsmodels'
+    one-sample `TTestPower`). Unpaired (n vs `n_ref` runs): `sd` is the pooled standard deviation
+    (`TTestIndPower`). NaN where the test is undefined (fewer than two runs on a side, or NaN sd).
+    """
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    n_ref = n if n_ref is None else n_ref
+    if n < 2 or n_ref < 2 or not math.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    if paired:
+        d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power,
+                                     alternative="two-sided")
+    else:
+        d = TTestIndPower().solve_power(effect_size=None, nobs1=n, ratio=n_ref / n, alpha=alpha,
+                                        power=power, alternative="two-sided")
+    return float(d) * sd
+
+
 def class_average(means: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The all-class mean excitation per channel from per-class means ([classes x channels]).
 
