@@ -216,6 +216,20 @@ def test_study_with_a_different_recipe_is_refused(tmp_path, results):
         studies.open_study(storage, other)
 
 
+def test_study_stored_before_a_recipe_key_existed_is_the_same_recipe(tmp_path, results):
+    storage = studies.open_storage(url_of(results))
+    (plan,) = make_plans(write_sweep(tmp_path))
+    study = studies.open_study(storage, plan)
+    old = study.user_attrs["profile_spec"]
+    for key in ("patience", "max_cuts", "plateau_threshold"):  # as a version without them stored it
+        del old["train"][key]
+    study.set_user_attr("profile_spec", old)
+    studies.open_study(storage, plan)  # not refused
+    (other,) = make_plans(write_sweep(tmp_path), "train.patience=3")
+    with pytest.raises(SpecError, match="different settings or profile"):
+        studies.open_study(storage, other)
+
+
 def test_pop_never_hands_out_a_trial_twice(tmp_path, results):
     plan, storage, study = queued_study(tmp_path, results)
     popped = []
