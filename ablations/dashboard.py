@@ -52,8 +52,8 @@ def study_note(plan: Plan) -> str:
             p = published_row(sweep.table, label)
             lines.append(f"| {label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
                          f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |")
-    if profile.name != "paper":
-        lines += ["", f"The `{profile.name}` profile trains a smaller network on other data than ImageNet: "
+    if sweep.table is not None and sweep.table not in profile.comparable_tables:
+        lines += ["", f"The `{profile.name}` profile is not the recipe behind these published numbers: "
                       "compare how the settings rank and differ, not the absolute errors."]
     return "\n".join(lines) + "\n"
 
