@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -66,7 +67,8 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
     started = time.monotonic()
     resilience.check_writable(Path(results_dir))
     storage = studies.open_storage(url)
-    seeds = {p.study_name: max(p.seeds, int(_attrs(storage, p).get("seeds", 0))) for p in plans}
+    stored = {p.study_name: resilience.storage_call(lambda p=p: _attrs(storage, p), url) for p in plans}
+    seeds = {p.study_name: max(p.seeds, int(stored[p.study_name].get("seeds", 0))) for p in plans}
     pending = list(plans)
     outcomes: dict[str, tuple[Plan, Decision, float]] = {}
     while pending:
@@ -80,13 +82,15 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
         pending = []
         for plan in batch:
             decision = decide(_trials(results_dir, url, plan), plan.sweep, precision, max_seeds, plan.seeds)
-            _record(storage, plan, precision, max_seeds, decision)
+            record = functools.partial(_record, storage, plan, precision, max_seeds, decision)
+            resilience.storage_call(record, url)
             if decision.done:
                 outcomes[plan.study_name] = (plan, decision, time.monotonic() - started)
                 continue
             worst = decision.worst
             print(f"{plan.study_name}: {plan.seeds} seeds: worst MDE {_points(worst.mde)} ({worst.setting}, "
-                  f"{worst.n} pairs) > {precision:g}: next round {decision.next_seeds} seeds", file=sys.stderr)
+                  f"{worst.n} pairs) > {precision:g}: next round {decision.next_seeds} seeds",
+                  file=sys.stderr)
             seeds[plan.study_name] = decision.next_seeds
             pending.append(plan)
     for plan in plans:

@@ -160,7 +160,8 @@ def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
 
     assert cli.main(argv) == 0  # again: nothing to train, the same verdict
     assert rule_holds(results, sweep, 3.0, 20) == (seeds, rounds_run)
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"mini-quick: {seeds} seeds; precision 3 reached")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"mini-quick: {seeds} seeds; precision 3 reached")
 
 
 @pytest.mark.timeout(120)

@@ -148,8 +148,10 @@ def test_bad_sweep_file_is_one_line_exit_2_and_no_study(case, tmp_path, results,
     (["--precision", "half"], "--precision: must be a positive number of top-1 points (got 'half')"),
     (["--precision", "nan"], "--precision: must be a positive number"),
     (["--max-seeds", "5"], "--max-seeds: needs --precision"),
-    (["--precision", "0.5", "--max-seeds", "1"], "--max-seeds: 1 is below the 2 seeds the run starts with (mini's seeds)"),
-    (["--precision", "0.5", "--seeds", "6", "--max-seeds", "5"], "--max-seeds: 5 is below the 6 seeds the run starts with (--seeds)"),
+    (["--precision", "0.5", "--max-seeds", "1"], "--max-seeds: 1 is below the 2 seeds the run starts with "
+                                                 "(mini's seeds)"),
+    (["--precision", "0.5", "--seeds", "6", "--max-seeds", "5"], "--max-seeds: 5 is below the 6 seeds the run "
+                                                                 "starts with (--seeds)"),
     (["--precision", "0.5", "--seeds", "21"], "--max-seeds: 20 is below the 21 seeds"),  # the default cap
     (["--precision", "0.5", "--max-seeds", "many"], "--max-seeds"),
 ])
