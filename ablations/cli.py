@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=_lazy("ablations.dashboard", "cli_dashboard"))
 
-    tb = sub.add_parser("table", help="print one paper table (mean +- std, CI, Welch p, paper numbers)")
+    tb = sub.add_parser("table", help="print one paper table (mean +- std; delta vs the reference with CI, "
+                                      "Holm p, MDE, verdict; paper numbers)")
     tb.add_argument("sweep", help="sweep name or YAML path")
     common(tb)
     tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")
