@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
         common(q)
         q.set_defaults(func=_lazy("analysis.cli", f"cli_{name}"))
+        if name == "figures":
+            q.add_argument("--channels", default="50", metavar="N|all",
+                           help="channels per block in Fig. 6/7: a seeded uniform sample of N "
+                                "(default 50, as in the paper) or all")
     return p
 
 
