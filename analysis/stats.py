@@ -77,15 +77,16 @@ def mde(n: int, sd: float, paired: bool = True, n_ref: int | None = None, alpha:
 
     Paired (n pairs): `sd` is the standard deviation of the per-seed differences (statsmodels'
     one-sample `TTestPower`). Unpaired (n vs `n_ref` runs): `sd` is the pooled standard deviation
-    (`TTestIndPower`). NaN where the test is undefined (fewer than two runs on a side, or NaN sd).
+    (`TTestIndPower`). NaN where the test is undefined (fewer than two runs on a side, NaN sd) or the
+    spread is zero: errors come in steps of one validation image, so two seeds can agree by chance.
     """
     from statsmodels.stats.power import TTestIndPower, TTestPower
 
     n_ref = n if n_ref is None else n_ref
     if n < 2 or n_ref < 2 or not math.isfinite(sd):
         return math.nan
-    if sd == 0:
-        return 0.0
+    if sd == 0:  # no spread to scale by: nothing is known about detectability (see the module docstring)
+        return math.nan
     if paired:
         d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power,
                                      alternative="two-sided")
