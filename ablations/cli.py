@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=_lazy("ablations.dashboard", "cli_dashboard"))
 
-    tb = sub.add_parser("table", help="print one paper table (mean +- std, CI, Welch p, paper numbers)")
+    tb = sub.add_parser("table", help="print one paper table (mean +- std; delta vs the reference with CI, "
+                                      "Holm p, MDE, verdict; paper numbers)")
     tb.add_argument("sweep", help="sweep name or YAML path")
     common(tb)
     tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")
@@ -178,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
         common(q)
         q.set_defaults(func=_lazy("analysis.cli", f"cli_{name}"))
+        if name == "figures":
+            q.add_argument("--channels", default="50", metavar="N|all",
+                           help="channels per block in Fig. 6/7: a seeded uniform sample of N "
+                                "(default 50, as in the paper) or all")
     return p
 
 

@@ -33,7 +33,7 @@ class RowMDE:
     setting: str
     n: int  # pairs with the reference (without a reference: the row's runs)
     sd: float  # sample sd of the per-seed differences (without a reference: of the row's errors)
-    mde: float  # top-1 points; NaN with fewer than 2
+    mde: float  # top-1 points; NaN with fewer than 2, or with zero spread (stats.mde)
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,16 @@ def seeds_for(sd: float, precision: float, lo: int, hi: int) -> int:
 
 def decide(trials: pd.DataFrame, sweep, precision: float, max_seeds: int, seeds: int) -> Decision:
     """Stop, or the seed count of the next round: the smallest n whose MDE at the observed sd of the
-    least precise row is <= `precision`, at least `seeds` + 1 and at most `max_seeds`. A row with fewer
-    than 2 pairs has no sd yet: it asks for one more seed. Stops when every row is precise enough or at
+    least precise row is <= `precision`, at least `seeds` + 1 and at most `max_seeds`. A row whose MDE
+    is undefined (fewer than 2 pairs, or a zero spread, which with errors in steps of one validation
+    image can be chance) asks for one more seed. Stops when every row is precise enough or at
     `max_seeds`. `trials`: one profile's trials (`analysis.load.load_trials`)."""
     rows = row_mdes(trials, sweep)
-    reached = all(r.n >= 2 and r.mde <= precision for r in rows)
+    reached = all(math.isfinite(r.mde) and r.mde <= precision for r in rows)
     if reached or seeds >= max_seeds:
         return Decision(rows, seeds, seeds, reached)
     lo = seeds + 1
-    spreads = [r.sd for r in rows if r.n >= 2]  # the MDE is linear in sd: the largest needs the most seeds
+    # The MDE is linear in sd: the widest defined spread needs the most seeds.
+    spreads = [r.sd for r in rows if math.isfinite(r.mde)]
     target = seeds_for(max(spreads), precision, lo, max_seeds) if spreads else lo
     return Decision(rows, seeds, target, reached)

@@ -112,7 +112,9 @@ def test_without_a_reference_each_row_uses_its_own_spread():
     a, b = row_mdes(trials, sweep)
     sd = pd.Series([20.0, 21.0, 23.0]).std(ddof=1)
     assert (a.n, a.sd) == (3, pytest.approx(sd)) and a.mde == pytest.approx(mde_by_hand(3, sd), rel=1e-6)
-    assert b.mde == 0.0
+    assert b.n == 3 and b.sd == 0 and math.isnan(b.mde)  # zero spread: nothing known yet
+    d = decide(trials, sweep, precision=100.0, max_seeds=20, seeds=3)
+    assert not d.reached and d.next_seeds == 4 and d.worst.setting == "b"  # one more seed, not the cap
     other_sweep = frame({"a": [0.0, 50.0]}, sweep="other")  # another sweep's trials are ignored
     assert row_mdes(pd.concat([trials, other_sweep]), sweep) == (a, b)
 
