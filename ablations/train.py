@@ -26,6 +26,7 @@ import csv
 import functools
 import io
 import json
+import math
 import platform
 import random
 import subprocess
@@ -511,6 +512,9 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_ro
         precise_bn(model, data, epoch, cfg.seed, spec.precise_bn, amp)
         dist.broadcast_buffers(model)
         val_loss, top1, top5 = evaluate(eval_net, data, amp, dist, cfg.backbone.num_classes)
+        if not math.isfinite(val_loss):  # an error rate from overflowing logits is no result
+            raise TrialFailed(f"validation loss is {val_loss} after epoch {epoch + 1} (training loss "
+                              f"{train_loss:.4g}): eval-mode activations overflowed, diverged")
         epoch_s = time.perf_counter() - t0
         train_seconds += epoch_s
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -295,6 +296,17 @@ def test_plateau_schedule_cuts_stops_early_and_resumes_bit_identically(tmp_path)
 def test_diverging_loss_stops_the_trial(tmp_path):
     with pytest.raises(TrialFailed, match="training loss is (nan|inf).*diverged"):
         train(tiny_cfg(lr=1e8), tmp_path, progress=False)
+    assert not (tmp_path / "final.json").exists()
+
+
+def test_overflowing_validation_fails_the_trial(tmp_path, monkeypatch):
+    """A finite training loss with non-finite validation logits (an unbounded gate can do this in eval
+    mode) is a diverged trial, not an error rate."""
+    import ablations.train as train_module
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (math.inf, 90.0, 50.0))
+    with pytest.raises(TrialFailed, match="validation loss is inf after epoch 1.*diverged"):
+        train(tiny_cfg(), tmp_path, progress=False)
     assert not (tmp_path / "final.json").exists()
 
 
