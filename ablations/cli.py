@@ -33,7 +33,7 @@ def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) ->
     import torch
 
     from ablations.complexity import complexity
-    from ablations.paper import published_row
+    from ablations.paper import published_for
     from ablations.patch import build_model
     from ablations.spec import load_profile, load_sweep, run_config
 
@@ -48,7 +48,7 @@ def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) ->
         except SpecError as e:
             raise e.within(sweep.path, f"settings[{i}]") from None
         c = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
-        paper = published_row(sweep.table, setting.label)
+        paper = published_for(sweep, setting.label)
         rows.append({
             "setting": setting.label,
             "params_m": round(c.params_m, 1),  # the paper's precision

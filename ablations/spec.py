@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ablations.errors import SpecError
 
@@ -22,6 +30,13 @@ PROFILES_DIR = SWEEPS_DIR / "profiles"
 
 STAGES = (2, 3, 4, 5)  # the paper's conv2_x..conv5_x = timm layer1..layer4
 POSITIONS = ("standard", "pre", "post", "identity", "3x3")
+ATTENTION_NAMES = ("se", "eca", "cbam", "gc", "ge", "timm")  # ablations/attention.py builds them
+PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:Class, a researcher's module
+SE_ONLY = ("reduction", "squeeze", "gate", "bias")  # keys only the paper's SE has
+
+
+def se_only_message(attention: str) -> str:
+    return f"an SE-only key; attention {attention!r} takes its options in attention_args"
 
 
 class Frozen(BaseModel):
@@ -29,14 +44,49 @@ class Frozen(BaseModel):
 
 
 class SESpec(Frozen):
-    """One SE configuration (paper Sec. 6). Defaults are the paper's standard SE-ResNet block."""
+    """One attention-block configuration. Defaults are the paper's standard SE-ResNet block (Sec. 6).
 
+    `attention` picks the module (ablations/attention.py): the paper's SE, one of timm's, the model's own
+    (`timm`) or a researcher's `package.module:Class`. `position` and `stages` apply to every module; the
+    SE-only keys (reduction, squeeze, gate, bias) only to SE, the others take `attention_args`.
+    """
+
+    attention: str = "se"  # se | eca | cbam | gc | ge | timm | package.module:Class
+    attention_args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of a non-SE module
     reduction: int = Field(16, gt=0)  # r: hidden width is exactly C // r (at least 1; r <= C)
     squeeze: Literal["avg", "max", "none"] = "avg"  # global avg / global max pooling; none = NoSqueeze
     gate: Literal["sigmoid", "tanh", "relu"] = "sigmoid"  # final excitation non-linearity (Table 12)
     position: Literal["standard", "pre", "post", "identity", "3x3"] = "standard"  # Table 14/15
     stages: tuple[Literal[2, 3, 4, 5], ...] = STAGES  # stages holding SE ("all" = 2..5, Table 13)
     bias: bool = False  # FC bias; the paper's ablation parameter counts are weights only
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention(cls, v: str) -> str:
+        if v not in ATTENTION_NAMES and not PLUGIN.fullmatch(v):
+            raise ValueError(f"unknown attention module (known: {', '.join(ATTENTION_NAMES)}, "
+                             "or package.module:Class)")
+        return v
+
+    @field_validator("attention_args")
+    @classmethod
+    def _args_for_other_modules(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        attention = info.data.get("attention", "se")
+        if v and attention in ("se", "timm"):
+            raise ValueError("the paper's SE takes its options as keys of the setting (reduction, squeeze, "
+                             "gate, bias)" if attention == "se" else
+                             "`attention: timm` keeps the model's own module as timm built it")
+        if not all(isinstance(k, str) and k.isidentifier() for k in v):
+            raise ValueError(f"keys must be keyword-argument names (got {sorted(map(str, v))})")
+        return v
+
+    @field_validator(*SE_ONLY)
+    @classmethod
+    def _se_only(cls, v: Any, info: ValidationInfo) -> Any:
+        attention = info.data.get("attention", "se")
+        if attention != "se" and v != cls.model_fields[info.field_name].default:
+            raise ValueError(se_only_message(attention))
+        return v
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -58,15 +108,24 @@ class SESpec(Frozen):
 
 
 class BackboneSpec(Frozen):
-    """A timm ResNet-family backbone plus the paper-faithful options timm lacks."""
+    """A timm backbone plus the paper-faithful options timm lacks.
 
-    arch: str = "resnet50"  # timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)
+    ResNet family (resnet*, resnext*, wide_resnet*) and, with an attention slot, EfficientNet,
+    MobileNetV3 and RegNet (ablations/families.py). `layers`, `channels`, `block` and `stride_in_1x1`
+    are ResNet options; `width` is the others' way to be small.
+    """
+
+    arch: str = "resnet50"  # timm model name (resnet18..152, resnext50_32x4d, efficientnet_b0, regnety_002, ...)
     layers: tuple[int, ...] | None = None  # blocks per stage, overrides the arch's depth
     channels: tuple[int, ...] | None = None  # per-stage base widths (timm `channels`), for small profiles
     block: Literal["basic", "bottleneck"] | None = None  # override the arch's block type
     num_classes: int = Field(1000, gt=1)  # classifier outputs; must match the data set
     in_chans: int = Field(3, gt=0)  # input channels
-    small_stem: bool = False  # 3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs
+    small_stem: bool = False  # no downsampling before stage 3 (total stride 8), for 32x32-sized inputs:
+    #                           ResNet: 3x3 stride-1 stem conv, no max-pool; other families: stride-1 stem
+    #                           and stage 2 (families.py)
+    width: float | None = Field(None, gt=0)  # channel multiplier of EfficientNet/MobileNetV3/RegNet (None: the
+    #                                          arch's own widths); ResNets have `channels` instead
     stride_in_1x1: bool = False  # stride in the first 1x1 of downsampling bottlenecks (original ResNet)
     zero_init_last: bool = False  # timm's zero-init of each block's last BN (the paper: off; it would
     #                               hand standard SE all-zero inputs at initialisation)
@@ -82,12 +141,24 @@ class BackboneSpec(Frozen):
         return self
 
 
+class Published(Frozen):
+    """Numbers a row's source published (ImageNet unless the source says otherwise), with the citation."""
+
+    top1_err: float | None = None  # top-1 error (%)
+    top5_err: float | None = None  # top-5 error (%)
+    params_m: float | None = None  # parameters (millions)
+    gflops: float | None = None  # multiply-accumulates (billions) at the source's input size
+    source: str = Field(min_length=1)  # paper and table, and where the numbers were read
+
+
 class Setting(Frozen):
     """One row of an ablation table: a label, an SE spec (None = no SE) and backbone overrides."""
 
     label: str = Field(min_length=1)  # the paper's row label, e.g. "r=16", "SE-PRE", "ResNet-50"
     se: SESpec | None = SESpec()  # None: the plain backbone (the table's reference row)
     backbone: dict[str, Any] = Field(default_factory=dict)  # overrides of the profile's backbone keys
+    published: Published | None = None  # this row's published numbers and their source (sweeps of no
+    #                                     paper table); None: the paper's table, if the sweep names one
 
     @property
     def slug(self) -> str:
@@ -171,9 +242,21 @@ class Profile(Frozen):
     comparable_tables: tuple[int, ...] = ()  # paper tables whose published numbers this recipe reproduces
     #                                          (empty: compare ranks and directions only, not errors)
     backbone: BackboneSpec = BackboneSpec()
+    families: dict[Literal["efficientnet", "mobilenetv3", "regnet"], dict[str, Any]] = Field(
+        default_factory=dict)  # backbone keys for rows whose arch is of that family (they have no ResNet
+    #                            `channels`, so each profile says how small they run: e.g. `width`)
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     path: str | None = None  # where it was loaded from (not a YAML key)
+
+    @field_validator("families")
+    @classmethod
+    def _backbone_keys(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for family, keys in v.items():
+            unknown = sorted(set(keys) - set(BackboneSpec.model_fields))
+            if unknown:
+                raise ValueError(f"{family}.{unknown[0]}: unknown backbone key")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -257,7 +340,8 @@ def _resolve(name_or_path: str | Path, directory: Path, kind: str) -> Path:
 
 
 def _setting_from_yaml(raw: Any) -> dict[str, Any]:
-    """`{label, se: false}` or `{label, <SE keys...>, backbone: {...}}` -> Setting fields."""
+    """`{label, se: false}` or `{label, <attention and SE keys...>, backbone: {...}, published: {...}}`
+    -> Setting fields."""
     if not isinstance(raw, dict):
         raise SpecError("each setting must be a mapping with a label")
     raw = dict(raw)
@@ -265,14 +349,19 @@ def _setting_from_yaml(raw: Any) -> dict[str, Any]:
     if out["label"] is None:
         raise SpecError("missing", key="label")
     out["label"] = str(out["label"])
-    if "backbone" in raw:
-        out["backbone"] = raw.pop("backbone")
+    for key in ("backbone", "published"):
+        if key in raw:
+            out[key] = raw.pop(key)
     enabled = raw.pop("se", True)
     if enabled is False:
         if raw:
             raise SpecError("SE keys given but `se: false`", key=sorted(raw)[0])
         out["se"] = None
     elif enabled is True:
+        attention = raw.get("attention", "se")
+        given = [k for k in SE_ONLY if k in raw]
+        if attention != "se" and isinstance(attention, str) and given:  # even at SE's default value
+            raise SpecError(se_only_message(attention), key=given[0])
         out["se"] = raw
     else:
         raise SpecError(f"must be true or false (got {enabled!r})", key="se")
@@ -346,11 +435,33 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...
         raise from_validation_error(e, source) from None
 
 
+RESNET_ONLY = ("layers", "channels", "block", "stride_in_1x1")  # backbone keys only ResNets have
+
+
+def setting_backbone(profile: Profile, setting: Setting) -> dict[str, Any]:
+    """The profile's backbone keys with the setting's overrides, as a dict to validate.
+
+    A row whose arch is of another timm family (EfficientNet, MobileNetV3, RegNet) keeps the profile's
+    generic keys (classes, input channels, small_stem), not its ResNet ones, and takes that family's
+    keys from the profile's `families` section before its own.
+    """
+    keys = {**profile.backbone.model_dump(), **setting.backbone}
+    arch = keys["arch"]
+    if arch == profile.backbone.arch and not profile.families:
+        return keys
+    from ablations.families import family_of  # imports timm: only where a family can differ
+
+    family = family_of(arch) if isinstance(arch, str) else None
+    if family in (None, "resnet"):
+        return keys
+    base = {k: v for k, v in profile.backbone.model_dump().items() if k not in RESNET_ONLY}
+    return {**base, **profile.families.get(family, {}), **setting.backbone}
+
+
 def run_config(profile: Profile, setting: Setting, seed: int, sweep: str = "") -> RunConfig:
     """Resolve one trial: the profile's backbone with the setting's overrides, the setting's SE."""
-    backbone = profile.backbone.model_copy(update=setting.backbone)
-    try:  # re-validate: model_copy does not
-        backbone = BackboneSpec.model_validate(backbone.model_dump())
+    try:
+        backbone = BackboneSpec.model_validate(setting_backbone(profile, setting))
     except ValidationError as e:
         raise from_validation_error(e, profile.path or profile.name, "backbone") from None
     return RunConfig(

@@ -191,7 +191,7 @@ def fig_class_specificity(summary: pd.DataFrame, title: str | None = None) -> Fi
 
 
 def _stage_boundaries(ax, order: pd.DataFrame) -> None:
-    """A dotted line between stages and the stage's name above its blocks (names outside SE_i_j: none)."""
+    """A dotted line between stages and the stage's name above its blocks (names outside <MODULE>_i_j: none)."""
     stages = order["stage"].tolist()
     if any(pd.isna(s) for s in stages):
         return
