@@ -45,9 +45,9 @@ def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) ->
         try:  # counting needs shapes only: build on the meta device (no memory, no init time)
             with torch.device("meta"):
                 model = build_model(cfg.backbone, cfg.se)
+            c = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
         except SpecError as e:
             raise e.within(sweep.path, f"settings[{i}]") from None
-        c = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
         paper = published_for(sweep, setting.label)
         rows.append({
             "setting": setting.label,

@@ -150,12 +150,25 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                              self.momentum)
 
 
+class CpuSyncBatchNormAct(CpuSyncBatchNorm):
+    """timm's BatchNormAct2d (EfficientNet, MobileNetV3, RegNet, CBAM): the synchronised BN, then its own
+    drop and activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
     """`module` with every BatchNorm2d made a CpuSyncBatchNorm sharing its parameters and buffers (same
     state-dict keys, so checkpoints move freely between one process and several)."""
+    from timm.layers import BatchNormAct2d
+
     if isinstance(module, nn.BatchNorm2d):
-        new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        norm_act = isinstance(module, BatchNormAct2d)
+        new = (CpuSyncBatchNormAct if norm_act else CpuSyncBatchNorm)(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if norm_act:
+            new.drop, new.act = module.drop, module.act
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:

@@ -202,6 +202,9 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
 def build_model(backbone: BackboneSpec, se: SESpec | None, fused: bool = True) -> nn.Module:
     """Backbone + attention (None: none; on other families, their own modules removed). The one factory
     the trainer, complexity and tests use."""
+    if se is not None and timm.is_model(backbone.arch) and families.family_of(backbone.arch) is None:
+        raise SpecError(f"{backbone.arch} has no attention slot (attention goes into ResNet, "
+                        f"{families.SUPPORTED} models)", key="attention")
     model = build_backbone(backbone)
     if not isinstance(model, ResNet):
         return families.patch_slots(model, se)

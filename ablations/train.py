@@ -89,14 +89,17 @@ class Dist:
 
     def sync_batchnorm(self, model: nn.Module, dev: torch.device) -> nn.Module:
         """BN statistics over the global batch, as on one device (torch's SyncBatchNorm has no CPU
-        kernels: CPU ranks get ddp.py's equivalent)."""
+        kernels: CPU ranks get ddp.py's equivalent). timm's converter keeps the activation of its
+        BatchNormAct2d layers (EfficientNet, MobileNetV3, RegNet), which torch's would drop."""
         if self.world_size == 1:
             return model
         if dev.type == "cpu":
             from ablations.ddp import sync_batchnorm_cpu
 
             return sync_batchnorm_cpu(model)
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
 
     def wrap(self, model: nn.Module, dev: torch.device) -> nn.Module:
         """The network the training loop steps: DDP (gradients all-reduced in backward) on several ranks."""
