@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import timm
 from timm.models import efficientnet, mobilenetv3, regnet
@@ -38,7 +39,7 @@ from torch import nn
 from ablations import attention
 from ablations.errors import SpecError
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
+from ablations.spec import BackboneSpec, Profile, SESpec, Setting
 
 SUPPORTED = "EfficientNet, MobileNetV3, RegNet"
 MODULE_FAMILIES = {"resnet": "resnet", "efficientnet": "efficientnet", "mobilenetv3": "mobilenetv3",
@@ -58,6 +59,23 @@ def family_of(arch: str) -> str | None:
     if not timm.is_model(arch):
         return None
     return MODULE_FAMILIES.get(timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1])
+
+
+RESNET_ONLY = ("layers", "channels", "block", "stride_in_1x1")  # backbone keys only ResNets have
+
+
+def family_backbone(profile: Profile, setting: Setting, keys: dict[str, Any]) -> dict[str, Any]:
+    """A row's backbone keys (`keys`: the profile's with the row's overrides) once its family is known.
+
+    A row whose arch is of another family keeps the profile's generic keys (classes, input channels,
+    small_stem), not its ResNet ones, and takes that family's keys from the profile's `families`
+    section before its own.
+    """
+    family = family_of(keys["arch"]) if isinstance(keys["arch"], str) else None
+    if family in (None, "resnet"):
+        return keys
+    base = {k: v for k, v in profile.backbone.model_dump().items() if k not in RESNET_ONLY}
+    return {**base, **profile.families.get(family, {}), **setting.backbone}
 
 
 def _multiple_of_8(x: float) -> int:

@@ -435,27 +435,15 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...
         raise from_validation_error(e, source) from None
 
 
-RESNET_ONLY = ("layers", "channels", "block", "stride_in_1x1")  # backbone keys only ResNets have
-
-
 def setting_backbone(profile: Profile, setting: Setting) -> dict[str, Any]:
-    """The profile's backbone keys with the setting's overrides, as a dict to validate.
-
-    A row whose arch is of another timm family (EfficientNet, MobileNetV3, RegNet) keeps the profile's
-    generic keys (classes, input channels, small_stem), not its ResNet ones, and takes that family's
-    keys from the profile's `families` section before its own.
-    """
+    """The profile's backbone keys with the setting's overrides (a row of another timm family: see
+    `families.family_backbone`), as a dict to validate."""
     keys = {**profile.backbone.model_dump(), **setting.backbone}
-    arch = keys["arch"]
-    if arch == profile.backbone.arch and not profile.families:
+    if keys["arch"] == profile.backbone.arch and not profile.families:
         return keys
-    from ablations.families import family_of  # imports timm: only where a family can differ
+    from ablations.families import family_backbone  # imports timm: only where a family can differ
 
-    family = family_of(arch) if isinstance(arch, str) else None
-    if family in (None, "resnet"):
-        return keys
-    base = {k: v for k, v in profile.backbone.model_dump().items() if k not in RESNET_ONLY}
-    return {**base, **profile.families.get(family, {}), **setting.backbone}
+    return family_backbone(profile, setting, keys)
 
 
 def run_config(profile: Profile, setting: Setting, seed: int, sweep: str = "") -> RunConfig:
