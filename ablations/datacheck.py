@@ -73,7 +73,7 @@ def facts(spec: DataSpec, data_root: str | None, source: str) -> DataFacts:
     if not root.is_dir():
         if spec.dataset in CIFAR_FOLDERS and spec.download:
             return DataFacts(CLASSES[spec.dataset], CIFAR_TRAIN_IMAGES, rgb=True)  # torchvision creates it
-        raise bad("no such directory")
+        raise bad(f"no such directory ({spec.dataset} reads its files from there)")
     if spec.dataset in CIFAR_FOLDERS:
         folder = CIFAR_FOLDERS[spec.dataset]
         if not (root / folder).is_dir() and not spec.download:

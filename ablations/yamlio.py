@@ -63,6 +63,8 @@ def parse(text: str, source: str | None = None) -> Any:
         raise SpecError(f"malformed YAML: {problem}", source=source, key=where) from None
     except RecursionError:
         raise SpecError("malformed YAML: nested too deeply", source=source) from None
+    except Exception as e:  # noqa: BLE001 -- PyYAML's constructors on odd explicit tags (`!!int `, `!!bool x`)
+        raise SpecError(f"malformed YAML: unreadable value ({type(e).__name__}: {e})", source=source) from None
 
 
 def read_mapping(path: Path) -> dict[str, Any]:
