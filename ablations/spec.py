@@ -8,8 +8,6 @@ type are checked in the model validators. Any invalid input raises `SpecError` n
 from __future__ import annotations
 
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +24,7 @@ from pydantic import (
 
 from ablations import bundled, paths, yamlio
 from ablations.errors import SpecError
+from ablations.yamlio import bool_for_number
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = bundled.sweeps_dir()
@@ -37,34 +36,6 @@ MAX_SEEDS = 1000  # seeds per setting, from any source (sweep file, --seeds, a s
 #                   and every status of it are held in memory
 
 
-def _flat(tp: Any) -> list[Any]:
-    """The members of a union annotation (itself otherwise)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return [m for a in typing.get_args(tp) for m in _flat(a)]
-    return [tp]
-
-
-def _admits_bool(tp: Any) -> bool:
-    """Whether a field annotated `tp` means to take true/false (bool, Any, a Literal of booleans)."""
-    for t in _flat(tp):
-        if t is bool or t is Any:
-            return True
-        if typing.get_origin(t) is Literal and any(isinstance(a, bool) for a in typing.get_args(t)):
-            return True
-    return False
-
-
-def _bool_for_number(tp: Any, value: Any) -> bool:
-    """A YAML true/false where a number (or a list of numbers) is meant: pydantic would read it as 1/0."""
-    if isinstance(value, bool):
-        return not _admits_bool(tp)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
-        elements = [e for t in _flat(tp) if typing.get_origin(t) in (tuple, list)
-                    for e in typing.get_args(t) if e is not Ellipsis]
-        return bool(elements) and not any(_admits_bool(e) for e in elements)
-    return False
-
-
 class Frozen(BaseModel):
     # No inf/nan: `train.lr=.inf` is not a recipe.
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -73,7 +44,7 @@ class Frozen(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name or "")
-        if field is not None and _bool_for_number(field.annotation, v):
+        if field is not None and bool_for_number(field.annotation, v):
             raise ValueError("must be a number, not true/false")
         return v
 

@@ -104,11 +104,12 @@ def scrub(text: str, url: str) -> str:
     return text.replace(str(password), MASK) if password else text
 
 
-def storage_error(message: str, url: str, exc: BaseException | None = None) -> SpecError:
-    """A one-line error about the storage at `url`: the driver's first line appended, password masked."""
+def storage_error(message: str, url: str, exc: BaseException | None = None, after: str = "") -> SpecError:
+    """A one-line error about the storage at `url`: the driver's first line and `after` appended,
+    password masked."""
     from ablations.resilience import first_line
 
-    text = f"{message}: {first_line(exc)}" if exc is not None else message
+    text = (f"{message}: {first_line(exc)}" if exc is not None else message) + after
     return SpecError(scrub(text, url), source="--storage", key=shown(url))
 
 

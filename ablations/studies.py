@@ -97,7 +97,7 @@ def open_storage(url: str, checked: bool = False) -> optuna.storages.RDBStorage:
     except Exception as e:  # noqa: BLE001 -- any connection failure is a bad --storage to the user
         waited = time.monotonic() - started
         after = f" (gave up after {waited:.0f} s of retries)" if waited >= 1 else ""
-        raise storage_error(f"cannot open storage{after}", url, e) from None
+        raise storage_error("cannot open storage", url, e, after) from None
     # Closing SQLite's last connection folds its write-ahead log back into the .db file: when the
     # storage is collected, or at exit (also when the CLI skips the interpreter's teardown, cli.exit_fast),
     # so a results dir copied after `ablate run` holds every result in optuna.db alone.

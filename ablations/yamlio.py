@@ -4,12 +4,15 @@ Plain `yaml.safe_load` quietly keeps the last of two equal keys and reads YAML 1
 looks (`label: 010` is 8, `label: off` is False). Here a repeated key is an error, a `label` is the
 text as written whatever it looks like, and anchors/aliases are refused (a few nested aliases expand
 to billions of values once validated). Every failure is a one-line SpecError naming file and line.
+`bool_for_number` lets the specs refuse the other YAML 1.1 surprise, `true` where a number is meant.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from yaml.constructor import ConstructorError
@@ -85,3 +88,35 @@ def read_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError("must be a YAML mapping at the top level", source=source)
     return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML booleans where numbers are meant
+
+
+def _flat(tp: Any) -> list[Any]:
+    """The members of a union annotation (itself otherwise)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(tp) for m in _flat(a)]
+    return [tp]
+
+
+def _admits_bool(tp: Any) -> bool:
+    """Whether a field annotated `tp` means to take true/false (bool, Any, a Literal of booleans)."""
+    for t in _flat(tp):
+        if t is bool or t is Any:
+            return True
+        if typing.get_origin(t) is Literal and any(isinstance(a, bool) for a in typing.get_args(t)):
+            return True
+    return False
+
+
+def bool_for_number(tp: Any, value: Any) -> bool:
+    """A YAML true/false where a number (or a list of numbers) is meant: pydantic would read it as 1/0."""
+    if isinstance(value, bool):
+        return not _admits_bool(tp)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+        elements = [e for t in _flat(tp) if typing.get_origin(t) in (tuple, list)
+                    for e in typing.get_args(t) if e is not Ellipsis]
+        return bool(elements) and not any(_admits_bool(e) for e in elements)
+    return False
