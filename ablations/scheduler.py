@@ -444,7 +444,9 @@ def load_named_study(storage: optuna.storages.RDBStorage, name: str) -> optuna.S
 def cli_status(args: argparse.Namespace) -> int:
     if args.storage is None:
         check_results_dir(args.results_dir)
-    url = storage_url.resolve(args.results_dir, args.storage)
+    url = storage_url.existing(args.results_dir, args.storage)
+    if url is None:  # a SQLite --storage that does not exist: reading must not create it
+        raise SpecError("no such database", source="--storage", key=storage_url.shown(args.storage))
     storage = studies.open_storage(url)
     with storage_url.reading(url):
         rows = [study_status(optuna.load_study(study_name=s.study_name, storage=storage))

@@ -213,6 +213,9 @@ def test_status_on_a_results_dir_that_is_a_file_or_holds_no_storage(tmp_path, ca
     rc, out, err = _cli(capsys, "status", "--results-dir", tmp_path)
     _one_line(rc, err, f"--results-dir: {tmp_path}: not a results directory (no optuna.db;")
     assert out == "" and not (tmp_path / "optuna.db").exists()
+    rc, out, err = _cli(capsys, "status", "--storage", f"sqlite:///{tmp_path / 'other.db'}")
+    _one_line(rc, err, f"--storage: sqlite:///{tmp_path / 'other.db'}: no such database")
+    assert not (tmp_path / "other.db").exists()
 
 
 def test_fine_inputs_still_pass(tmp_path):
