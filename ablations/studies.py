@@ -229,7 +229,14 @@ CREATION_ATTRS = ("sweep", "profile", "table", "description", "reference", "sett
 
 
 def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a spec that change results (labels, SE, backbone, data, recipe), not the prose."""
+    """The parts of a spec that change results (labels, SE, backbone, data, recipe), not the prose.
+
+    The profile is re-validated first, so a study stored before a recipe key existed compares equal to
+    the same recipe today (the new key at its default)."""
+    try:
+        profile_spec = Profile.model_validate(profile_spec).model_dump(mode="json", exclude={"path"})
+    except ValueError:  # a spec this version cannot read: compare it as stored (it will differ)
+        pass
     return {"settings": sweep_spec["settings"],
             **{k: profile_spec[k] for k in ("backbone", "data", "train")}}
 

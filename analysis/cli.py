@@ -1,6 +1,7 @@
 """`ablate table | tables | figures | notebooks | report`: parse nothing (ablations.cli did), call the API.
 
-Each takes the argparse Namespace (profile, results_dir, storage; table also sweep and format) and
+Each takes the argparse Namespace (profile, results_dir, storage; table also sweep and format; figures
+also channels) and
 returns an exit status. Bad input (unknown sweep or profile, a results dir that does not exist) raises
 SpecError, which `ablate` prints as one line and exit status 2.
 """
@@ -77,13 +78,24 @@ def cli_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def _channels(args: argparse.Namespace) -> int | str:
+    from analysis.excitations import CHANNELS_EXPECTED, parse_channels
+
+    try:
+        count = parse_channels(args.channels)
+    except ValueError:
+        raise SpecError(CHANNELS_EXPECTED, source="--channels", key=str(args.channels)) from None
+    return "all" if count is None else count
+
+
 def cli_figures(args: argparse.Namespace) -> int:
     _agg()
     from analysis.figures import write_figures
 
+    channels = _channels(args)
     results_dir, profile = _results_dir(args), _profile(args)
     _require_results(results_dir, args.storage, profile)
-    for path in write_figures(results_dir, args.storage, profile):
+    for path in write_figures(results_dir, args.storage, profile, channels=channels):
         print(path)
     return 0
 

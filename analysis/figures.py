@@ -1,4 +1,5 @@
-"""Figures: paper Fig. 6 and 7 (excitations per channel), Fig. 4-style training curves, one plot per table.
+"""Figures: paper Fig. 6 and 7 (excitations per channel), class specificity by depth (Sec. 7.2),
+Fig. 4-style training curves, one plot per table.
 
 Every builder returns a matplotlib `Figure` made without pyplot (nothing global to close, nothing shown
 twice in a notebook); `save` writes it as PNG and PDF; `write_figures` draws everything a results dir
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,13 +24,11 @@ from matplotlib.ticker import MaxNLocator
 from ablations import paths
 from ablations.runio import write_atomic
 from ablations.spec import SESpec, Sweep
-from analysis import load, stats
+from analysis import excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
 
 DPI = 150  # PNG pixels = figsize (inches) x DPI; saved without a tight bbox so the size is exact
 PALETTE = "colorblind"
-N_CLASSES = 4  # the paper's Fig. 6 shows four classes
-_BLOCK = re.compile(r"^SE_(\d+)_(\d+)$")
 
 
 @contextmanager
@@ -63,31 +61,7 @@ def figures_dir(results_dir: str | Path, profile: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fig. 6 / 7: excitations
-
-
-def select_blocks(blocks: list[str]) -> list[str]:
-    """The paper's Fig. 6 blocks for any depth: the last block of stages 2, 3 and 4 and every block of
-    stage 5. On ResNet-50 (3-4-6-3) that is exactly SE_2_3, SE_3_4, SE_4_6, SE_5_1, SE_5_2, SE_5_3.
-    Stages without SE (e.g. the per-stage sweep) are skipped; names outside the SE_i_j scheme keep
-    their last six blocks."""
-    parsed = [(b, _BLOCK.match(b)) for b in blocks]
-    if not blocks or any(m is None for _, m in parsed):
-        return blocks[-6:]
-    by_stage: dict[int, list[tuple[int, str]]] = {}
-    for b, m in parsed:
-        by_stage.setdefault(int(m.group(1)), []).append((int(m.group(2)), b))
-    out = []
-    for stage in sorted(by_stage):
-        ordered = [b for _, b in sorted(by_stage[stage])]
-        out += ordered if stage == max(by_stage) and stage >= 5 else ordered[-1:]
-    return out
-
-
-def default_classes(classes: np.ndarray, k: int = N_CLASSES) -> list[int]:
-    """k class ids spread evenly over the classes present (first and last included)."""
-    idx = np.unique(np.linspace(0, len(classes) - 1, num=min(k, len(classes))).round().astype(int))
-    return [int(classes[i]) for i in idx]
+# Fig. 6 / 7: excitations per channel; class specificity by depth (Sec. 7.2)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -103,10 +77,13 @@ def _row(exc: load.Excitations, cls: int) -> int:
 
 
 def fig6(exc: load.Excitations, classes: list[int] | None = None, blocks: list[str] | None = None,
-         title: str | None = None) -> Figure:
-    """Mean excitation per channel index for a few classes and the all-class average, one panel per block."""
-    classes = classes if classes is not None else default_classes(exc.classes)
-    blocks = blocks if blocks is not None else select_blocks(exc.blocks)
+         title: str | None = None, channels: int | str = excitations.FIG6_CHANNELS) -> Figure:
+    """Mean excitation per channel for a few classes and the all-class average, one panel per block.
+
+    As in the paper, each panel shows `channels` (50) channels sampled by `excitations.sample_channels`
+    (the same for every class; "all" shows every channel), plotted at their channel indices."""
+    classes = classes if classes is not None else excitations.default_classes(exc.classes)
+    blocks = blocks if blocks is not None else excitations.select_blocks(exc.blocks)
     rows, cols = _grid(len(blocks))
     with _style():
         fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.6), layout="constrained")
@@ -114,24 +91,25 @@ def fig6(exc: load.Excitations, classes: list[int] | None = None, blocks: list[s
         axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
         colors = sns.color_palette(PALETTE, len(classes))
         for ax, block in zip(axes, blocks):
-            channels = np.arange(exc.mean[block].shape[1])
+            shown = excitations.sample_channels(exc.mean[block].shape[1], channels)
             for color, cls in zip(colors, classes):
-                ax.plot(channels, exc.mean[block][_row(exc, cls)], lw=0.8, alpha=0.8, color=color,
+                ax.plot(shown, exc.mean[block][_row(exc, cls), shown], lw=0.8, alpha=0.8, color=color,
                         label=f"class {cls}")
-            avg = stats.class_average(exc.mean[block], exc.counts)
-            # White halo: the reference line must stay readable on top of hundreds of class channels.
-            ax.plot(channels, avg, lw=1.4, color="black", ls="--", label="all classes",
+            avg = stats.class_average(exc.mean[block], exc.counts)[shown]
+            # White halo: the reference line must stay readable on top of the class lines.
+            ax.plot(shown, avg, lw=1.4, color="black", ls="--", label="all classes",
                     path_effects=[patheffects.Stroke(linewidth=3, foreground="white"), patheffects.Normal()])
-            _channel_axes(ax, block, channels.size)
+            _channel_axes(ax, block, exc.mean[block].shape[1], shown.size)
         _hide_spare_and_legend(fig, axes, len(blocks))
         fig.suptitle(title or f"Mean excitation per channel ({_run_name(exc)})")
     return fig
 
 
-def _channel_axes(ax, block: str, n_channels: int) -> None:
+def _channel_axes(ax, block: str, n_channels: int, n_shown: int) -> None:
     ax.set_title(f"{block} ({n_channels} channels)")
-    ax.set_xlim(0, n_channels - 1)
-    ax.set_xlabel("channel index")
+    ax.set_xlim(0, max(n_channels - 1, 1))
+    shown = f"all {n_channels}" if n_shown == n_channels else f"{n_shown} of {n_channels}, sampled"
+    ax.set_xlabel(f"channel index ({shown})")
     ax.set_ylabel("activation")
 
 
@@ -144,10 +122,11 @@ def _hide_spare_and_legend(fig: Figure, axes, n_used: int) -> None:
 
 
 def fig7(exc: load.Excitations, cls: int | None = None, blocks: list[str] | None = None,
-         title: str | None = None) -> Figure:
-    """Mean excitation +- one std over the images of one class, one panel per block."""
+         title: str | None = None, channels: int | str = excitations.FIG6_CHANNELS) -> Figure:
+    """Mean excitation +- one std over the images of one class, one panel per block, on the same
+    channels as `fig6` so the two figures can be read side by side."""
     cls = cls if cls is not None else int(exc.classes[0])
-    blocks = blocks if blocks is not None else select_blocks(exc.blocks)
+    blocks = blocks if blocks is not None else excitations.select_blocks(exc.blocks)
     rows, cols = _grid(len(blocks))
     r = _row(exc, cls)
     with _style():
@@ -155,12 +134,12 @@ def fig7(exc: load.Excitations, cls: int | None = None, blocks: list[str] | None
         axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
         color = sns.color_palette(PALETTE, 1)[0]
         for ax, block in zip(axes, blocks):
-            mean, std = exc.mean[block][r], exc.std[block][r]
-            channels = np.arange(mean.size)
-            ax.plot(channels, mean, lw=0.9, color=color, label="mean")
-            ax.fill_between(channels, mean - std, mean + std, color=color, alpha=0.3, lw=0,
+            shown = excitations.sample_channels(exc.mean[block].shape[1], channels)
+            mean, std = exc.mean[block][r, shown], exc.std[block][r, shown]
+            ax.plot(shown, mean, lw=0.9, color=color, label="mean")
+            ax.fill_between(shown, mean - std, mean + std, color=color, alpha=0.3, lw=0,
                             label="± 1 std over images")
-            _channel_axes(ax, block, channels.size)
+            _channel_axes(ax, block, exc.mean[block].shape[1], shown.size)
         _hide_spare_and_legend(fig, axes, len(blocks))
         n = int(exc.counts[r])
         fig.suptitle(title or f"Excitation over the {n} images of class {cls} ({_run_name(exc)})")
@@ -172,20 +151,58 @@ def _run_name(exc: load.Excitations) -> str:
     return f"{d.parent.parent.name} / {d.parent.name} / {d.name}"
 
 
-def excitation_run(results_dir: str | Path, done: pd.DataFrame,
-                   sweeps: list[Sweep] | None = None) -> load.Excitations | None:
-    """The run Fig. 6/7 show: the paper's standard SE block (r=16, avg squeeze, sigmoid, standard
-    position, all stages) from the lowest-numbered table that has one with excitations, lowest seed;
-    failing that, any completed run with SE blocks."""
-    sweeps = sweeps if sweeps is not None else all_sweeps()
-    standard = [(s.name, x.label) for s in sweeps for x in s.settings if x.se == SESpec()]
-    rank = {key: i for i, key in enumerate(standard)}
-    order = done.assign(_rank=[rank.get((a, b), len(rank)) for a, b in zip(done["sweep"], done["setting"])])
-    for _, row in order.sort_values(["_rank", "sweep", "setting", "seed"], kind="stable").iterrows():
-        exc = load.read_excitations(load.locate_run_dir(results_dir, row))
-        if exc is not None and exc.blocks:
-            return exc
-    return None
+SPECIFICITY_PANELS = (
+    ("class_spread", "spread across classes", "std over classes of the class-mean gate\n(mean over channels)"),
+    ("departure", "departure from 0.5", "|class-mean gate − 0.5|\n(mean over classes, channels)"),
+)
+
+
+def fig_class_specificity(summary: pd.DataFrame, title: str | None = None) -> Figure:
+    """Sec. 7.2 in one plot: per SE block in depth order, how much the class-mean gate differs between
+    classes (top) and how far it is from 0.5 (bottom); one thin line per seed, the mean over seeds
+    thick. `summary` is `excitations.class_specificity`'s frame (a "seed" column over block_summary)."""
+    order = summary.drop_duplicates("block")
+    if order["stage"].notna().all():
+        order = order.sort_values(["stage", "index"], kind="stable")
+    blocks = order["block"].tolist()
+    pos = {b: i for i, b in enumerate(blocks)}
+    seeds = sorted(summary["seed"].unique())
+    with _style():
+        fig = Figure(figsize=(max(6.5, 0.45 * len(blocks) + 2.5), 6.4), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True)
+        colors = sns.color_palette(PALETTE, len(seeds))
+        for ax, (column, name, ylabel) in zip(axes, SPECIFICITY_PANELS):
+            for color, seed in zip(colors, seeds):
+                mine = summary[summary["seed"] == seed].sort_values("block", key=lambda s: s.map(pos))
+                ax.plot(mine["block"].map(pos), mine[column], lw=0.9, alpha=0.7, color=color,
+                        marker=".", ms=4, label=f"seed {seed}")
+            mean = summary.groupby("block")[column].mean().reindex(blocks)
+            ax.plot(np.arange(len(blocks)), mean.to_numpy(), lw=2.6, color="black", marker="o", ms=5,
+                    label=f"mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
+            _stage_boundaries(ax, order)
+            ax.set_title(name, loc="left", pad=16)  # above the stage names
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+        axes[-1].set_xticks(np.arange(len(blocks)), blocks, rotation=90)
+        axes[-1].set_xlim(-0.5, len(blocks) - 0.5)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", frameon=False)
+        fig.suptitle(title or "Class specificity of the excitation by depth")
+    return fig
+
+
+def _stage_boundaries(ax, order: pd.DataFrame) -> None:
+    """A dotted line between stages and the stage's name above its blocks (names outside SE_i_j: none)."""
+    stages = order["stage"].tolist()
+    if any(pd.isna(s) for s in stages):
+        return
+    starts = [i for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]]
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(stages)
+        if start:
+            ax.axvline(start - 0.5, color="0.5", ls=":", lw=1, label="_stage boundary")
+        ax.text((start + end - 1) / 2, 1.0, f"stage {stages[start]}", transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize="small", color="0.35")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,28 +313,39 @@ def _n_text(n: pd.Series) -> str:
 
 def write_excitation_figures(results_dir: str | Path, storage: str | None, profile: str,
                              classes: list[int] | None = None, fig7_class: int | None = None,
-                             ) -> dict[str, Figure]:
-    """Draw and save Fig. 6 and 7 from the run `excitation_run` picks; {} when no run has excitations."""
-    done = load.completed(load.load_trials(results_dir, storage, profile=profile))
-    exc = excitation_run(results_dir, done)
-    if exc is None:
+                             channels: int | str = excitations.FIG6_CHANNELS, sweep: str | None = None,
+                             setting: str | None = None) -> dict[str, Figure]:
+    """Draw and save Fig. 6 and 7 (lowest seed) and the class-specificity figure (every seed) of the
+    setting `excitations.excitation_runs` picks; {} when no run has excitations."""
+    excitations.parse_channels(channels)  # a bad count fails before anything is read or drawn
+    runs = excitations.chosen_runs(results_dir, storage, profile, sweep=sweep, setting=setting)
+    if not runs:
         return {}
+    exc = runs[min(runs)]
+    d = exc.run_dir
+    specificity_title = (f"Class specificity of the excitation by depth ({d.parent.parent.name} / "
+                         f"{d.parent.name}, {len(runs)} seed{'s' if len(runs) != 1 else ''})")
+    figs = {"fig6_excitations": fig6(exc, classes, channels=channels),
+            "fig7_excitation_spread": fig7(exc, fig7_class, channels=channels),
+            "fig_class_specificity": fig_class_specificity(excitations.class_specificity(runs),
+                                                           specificity_title)}
     out_dir = figures_dir(results_dir, profile)
-    figs = {"fig6_excitations": fig6(exc, classes), "fig7_excitation_spread": fig7(exc, fig7_class)}
     for name, fig in figs.items():
         save(fig, out_dir / name)
     return figs
 
 
-def write_figures(results_dir: str | Path, storage: str | None, profile: str) -> list[Path]:
-    """Draw every figure the results support; return the files written (PNG and PDF)."""
+def write_figures(results_dir: str | Path, storage: str | None, profile: str,
+                  channels: int | str = excitations.FIG6_CHANNELS) -> list[Path]:
+    """Draw every figure the results support; return the files written (PNG and PDF). `channels`:
+    how many channels Fig. 6/7 show per block (a count or "all")."""
     trials = load.load_trials(results_dir, storage, profile=profile)
     studies = load.load_studies(results_dir, storage, profile=profile)
     done = load.completed(trials)
     out_dir = figures_dir(results_dir, profile)
     written: list[Path] = []
 
-    for name in write_excitation_figures(results_dir, storage, profile):
+    for name in write_excitation_figures(results_dir, storage, profile, channels=channels):
         written += [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for sweep in all_sweeps():
         mine = done[done["sweep"] == sweep.name]

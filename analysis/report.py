@@ -135,14 +135,20 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
         f"<code>{html.escape(shown(load.resolve_storage(results_dir, storage)))}</code>; generated "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Trials: "
         + ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items())) + ".</p>",
-        f"<nav>{nav} <a href='#excitations'>Fig. 6/7</a> <a href='#environment'>Environment</a></nav>",
+        f"<nav>{nav} <a href='#excitations'>Fig. 6/7, class specificity</a> "
+        "<a href='#environment'>Environment</a></nav>",
         *(_table_section(t, fig_dir) for t in tables),
-        '<h2 id="excitations">Fig. 6 and 7: excitations</h2>',
+        '<h2 id="excitations">Fig. 6 and 7: excitations; class specificity by depth</h2>',
     ]
     for name, caption in (("fig6_excitations", "Fig. 6: mean excitation per channel for four classes and "
-                           "the image-weighted average over all classes."),
+                           "the image-weighted average over all classes, on 50 sampled channels per block."),
                           ("fig7_excitation_spread", "Fig. 7: mean ± std of the excitation over the images of "
-                           "one class.")):
+                           "one class."),
+                          ("fig_class_specificity", "Class specificity by depth (Sec. 7.2): per SE block, the "
+                           "std across classes of the class-mean gate (mean over channels) and the mean "
+                           "|class-mean gate − 0.5|; thin lines are seeds, the thick line their mean. The "
+                           "paper reports nearly class-agnostic gates early (SE_2_3), increasingly "
+                           "class-specific ones with depth (SE_4_6, SE_5_1) and saturation at SE_5_2.")):
         png = fig_dir / f"{name}.png"
         body.append(f"<figure><figcaption>{caption}</figcaption>{_img(png, name)}</figure>" if png.is_file()
                     else f"<p>{name}: no completed run with SE excitations.</p>")

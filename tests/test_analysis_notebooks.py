@@ -64,7 +64,11 @@ def test_execute_every_notebook_and_match_ablate_table(tmp_path, capsys):
 
     figs = out["fig6_fig7_excitations"]
     images = [o for c in _code(figs) for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert len(images) == 3  # Fig. 6, Fig. 7, class specificity
+    tables = [o["data"]["text/plain"] for c in _code(figs) for o in c.outputs
+              if "text/html" in o.get("data", {})]
+    assert len(tables) == 2 and "class_spread" in tables[1] and "SE_5_3" in tables[0]
+    assert (results / PROFILE / "figures" / "fig_class_specificity.png").is_file()
     assert (results / PROFILE / "figures" / "fig6_excitations.png").is_file()
     assert (results / PROFILE / "figures" / "fig7_excitation_spread.pdf").is_file()
     plots = [o for c in _code(out["table11_squeeze"]) for o in c.outputs if "image/png" in o.get("data", {})]

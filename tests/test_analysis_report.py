@@ -39,6 +39,7 @@ def test_report_has_every_table_figure_definition_and_environment(report):
     assert html.count('<figure class="table"') == 2  # the two tables with results
     for needle in ("Table 10 (ratio, profile quick)", "Table 11 (squeeze, profile quick)",
                    'alt="fig6_excitations"', 'alt="fig7_excitation_spread"', 'alt="table10_top1"',
+                   'alt="fig_class_specificity"',
                    'alt="fig4_training_ratio"', "RuntimeError: out of memory",  # failed trials listed
                    "reference: original", "reduction: 16",  # sweep YAML
                    "dataset: digits",  # profile YAML

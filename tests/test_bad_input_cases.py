@@ -127,6 +127,8 @@ def test_analysis_reads_postgresql_urls_through_the_runners_resolver(fixture_res
     (["--set", "data.batch_size=5000"], "data.batch_size: 5000 is larger than the training set (1438 images)"),
     (["--seeds", str(MAX_SEEDS + 1)], f"--seeds: must be a positive integer up to {MAX_SEEDS} (got {MAX_SEEDS + 1})"),
     (["--seeds", "1000000000000"], "--seeds: must be a positive integer up to"),
+    (["--precision", "0.5", "--max-seeds", str(MAX_SEEDS + 1)],
+     f"--max-seeds: must be at most {MAX_SEEDS}, the seeds any setting can run (got {MAX_SEEDS + 1})"),
 ])
 def test_the_whole_setting_and_profile_is_checked_before_any_study(options, expected, sweep, tmp_path, capsys):
     empty = tmp_path / "empty"
