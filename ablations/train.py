@@ -220,6 +220,7 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
@@ -237,6 +238,7 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def seed_all(seed: int) -> None:
@@ -582,8 +584,8 @@ def cli_train(args) -> int:
             what = "required with --sweep" if args.setting is None else f"unknown label {args.setting!r}"
             raise SpecError(f"{what} (one of: {', '.join(labels)})", source=sweep.path, key="--setting")
         setting, sweep_name = sweep.settings[labels.index(args.setting)], sweep.name
-    if args.seed < 0:
-        raise SpecError(f"must be >= 0 (got {args.seed})", key="--seed")
+    if not 0 <= args.seed < 2**31:
+        raise SpecError(f"must be in 0..{2**31 - 1} (got {args.seed})", key="--seed")
     cfg = run_config(profile, setting, args.seed, sweep=sweep_name)
     try:
         final = train(cfg, Path(args.out), device=args.device, data_root=args.data_root)
