@@ -149,7 +149,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     import optuna
 
     from ablations import studies
-    from ablations.scheduler import plans_from_args
+    from ablations.scheduler import check_decode_devices, plans_from_args
 
     results_dir = Path(args.results_dir).resolve()  # jobs may start elsewhere
     url = studies.storage_url(results_dir, args.storage)
@@ -157,6 +157,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
         raise SpecError("SQLite cannot be shared by workers on several nodes (its locks do not hold on "
                         "network file systems); use postgresql://user@host/db", source="--storage", key=url)
     plans = plans_from_args(args) if args.sweeps else []
+    check_decode_devices(plans, [task_device(args.gpus_per_node)])
     storage = studies.open_storage(url)
     loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
     for name in args.study:

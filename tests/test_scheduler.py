@@ -664,3 +664,19 @@ def test_make_target_runs_the_sweep_with_its_variables():
     targets = subprocess.run(["make", "-n", "ablations", "PYTHON=python3"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout
     assert "run ratio squeeze excitation stages integration se3x3 nosqueeze" in targets
+
+
+def test_study_created_before_a_new_profile_key_still_opens(tmp_path, results):
+    """A study stored before a key existed (here `data.decode`) ran with that key's default: reopening
+    it with the same recipe must not be refused as a different one, while a real change still is."""
+    storage = studies.open_storage(url_of(results))
+    (plan,) = make_plans(write_sweep(tmp_path))
+    study = studies.open_study(storage, plan)
+    old_profile = dict(study.user_attrs["profile_spec"])
+    old_profile["data"] = {k: v for k, v in old_profile["data"].items() if k != "decode"}
+    study.set_user_attr("profile_spec", old_profile)
+    assert "decode" not in load(results).user_attrs["profile_spec"]["data"]
+    studies.open_study(storage, plan)  # not refused
+    (gpu,) = make_plans(write_sweep(tmp_path), "data.decode=gpu")
+    with pytest.raises(SpecError, match="different settings or profile"):
+        studies.open_study(storage, gpu)
