@@ -591,19 +591,34 @@ def test_decode_batch_falls_back_and_names_what_it_cannot_read(tmp_path):
     assert ft.probe_decoder(torch.device("cpu")) is None
 
 
-def test_crop_params_depend_on_the_seed_alone_and_leave_the_global_rng(tmp_path):
+def test_crop_params_are_torchvisions_drawn_from_the_seed_alone():
+    """The box and flip depend on (seed, size) only and leave torch's generator alone; over many seeds
+    the boxes are distributed as torchvision's RandomResizedCrop draws them; an image too elongated for
+    any draw gets torchvision's centre-crop fallback."""
+    import statistics
+
+    from torchvision import transforms as T
+
     from ablations import folder_transforms as ft
 
     torch.manual_seed(0)
     expected_next = torch.rand(3)
     torch.manual_seed(0)
-    boxes = [ft.crop_params(s, 300, 400) for s in range(50)]
+    boxes = [ft.crop_params(s, 300, 400) for s in range(2000)]
     assert torch.equal(torch.rand(3), expected_next)  # the training process's stream is untouched
-    assert boxes == [ft.crop_params(s, 300, 400) for s in range(50)]
-    assert len(set(boxes)) == 50 and {b[4] for b in boxes} == {True, False}
+    assert boxes[:50] == [ft.crop_params(s, 300, 400) for s in range(50)]
+    assert len(set(boxes)) > 1900 and 0.45 < statistics.mean(b[4] for b in boxes) < 0.55
     for top, left, h, w, _ in boxes:
         assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
-        assert 0.08 * 300 * 400 * 0.99 <= h * w <= 300 * 400
+        assert 0.08 * 0.97 <= h * w / (300 * 400) <= 1 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    theirs = []
+    for s in range(2000):
+        torch.manual_seed(s)
+        theirs.append(T.RandomResizedCrop.get_params(torch.empty(1, 300, 400), [0.08, 1.0], [3 / 4, 4 / 3]))
+    for stat in (lambda b: b[2] * b[3] / 120000, lambda b: b[3] / b[2], lambda b: b[0] + b[2] / 2):
+        ours, tv = statistics.mean(map(stat, boxes)), statistics.mean(map(stat, theirs))
+        assert abs(ours - tv) < 0.03 * abs(tv), (ours, tv)
+    assert ft.crop_params(1, 10, 1000)[:4] == (0, 493, 10, 13)  # centre, at the widest allowed ratio
 
 
 # /dev/shm
