@@ -1,5 +1,6 @@
 """Data sets: digits split and scaling, synthetic determinism, on-device augmentation, CIFAR and
-ImageFolder read from tiny files in their real formats, and the one-line errors for bad data input."""
+ImageFolder read from tiny files in their real formats, the folder pipeline (persistent workers, the
+file-list cache, decoding on the device, /dev/shm), and the one-line errors for bad data input."""
 
 from __future__ import annotations
 
