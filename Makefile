@@ -8,6 +8,8 @@ WORKERS ?= 2   # trials in parallel: quick trains on 1 torch thread, so 2 fill 2
 DEVICES ?=
 STORAGE ?=
 RESULTS ?= results
+PRECISION ?=   # top-1 points: add seeds in rounds until every row's minimum detectable effect is this
+MAX_SEEDS ?=   # with PRECISION: the most seeds per setting (ablate's default: 20)
 PORT    ?= 8080
 PYTEST_ARGS ?=
 
@@ -21,7 +23,8 @@ endif
 
 ABLATE = $(PY) -m ablations
 RUN_OPTS = --profile $(PROFILE) --seeds $(SEEDS) --workers $(WORKERS) --results-dir $(RESULTS) \
-	$(if $(DEVICES),--devices $(DEVICES)) $(if $(STORAGE),--storage $(STORAGE))
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(STORAGE),--storage $(STORAGE)) \
+	$(if $(PRECISION),--precision $(PRECISION)) $(if $(MAX_SEEDS),--max-seeds $(MAX_SEEDS))
 AXES = ratio squeeze excitation stages integration se3x3 nosqueeze
 
 .PHONY: install test lint ablations $(addprefix ablation-,$(AXES)) dashboard status tables figures \

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("sweeps", nargs="+", help="sweep names or YAML paths")
     common(r)
     r.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the sweep's)")
+    r.add_argument("--precision", default=None, metavar="POINTS",
+                   help="add seeds in rounds until every row's minimum detectable effect (top-1 points, "
+                        "80%% power, alpha 0.05) is at most this; the rule reads the spread, never the deltas")
+    r.add_argument("--max-seeds", default=None, metavar="N",
+                   help="with --precision: stop adding seeds here (default: 20)")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     r.add_argument("--devices", default=None, help="cpu or cuda:0,cuda:1,... (workers pinned round-robin)")
     r.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
@@ -160,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=_lazy("ablations.dashboard", "cli_dashboard"))
 
-    tb = sub.add_parser("table", help="print one paper table (mean +- std, CI, Welch p, paper numbers)")
+    tb = sub.add_parser("table", help="print one paper table (mean +- std; delta vs the reference with CI, "
+                                      "Holm p, MDE, verdict; paper numbers)")
     tb.add_argument("sweep", help="sweep name or YAML path")
     common(tb)
     tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")

@@ -41,7 +41,8 @@ def study_note(plan: Plan) -> str:
         + (f" (with `--set {' '.join(plan.overrides)}`)" if plan.overrides else "") + ".",
     ]
     if sweep.reference:
-        lines.append(f"Differences are measured against `{sweep.reference}`.")
+        lines.append(f"Differences are measured against `{sweep.reference}`; `ablate table {sweep.name}` "
+                     "tests them (95% CI, Holm-adjusted p, minimum detectable effect, verdict).")
     lines += ["", "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
     if sweep.table is None:
         lines.append("This sweep reproduces no table of the paper.")
@@ -52,9 +53,10 @@ def study_note(plan: Plan) -> str:
             p = published_row(sweep.table, label)
             lines.append(f"| {label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
                          f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |")
-    if profile.name != "paper":
-        lines += ["", f"The `{profile.name}` profile trains a smaller network on other data than ImageNet: "
-                      "compare how the settings rank and differ, not the absolute errors."]
+    if sweep.table is not None and sweep.table not in profile.comparable_tables:
+        lines += ["", "The published column is ImageNet with the paper's Sec. 6 recipe; the "
+                      f"`{profile.name}` profile compares how the settings rank and differ, "
+                      "not the absolute errors."]
     return "\n".join(lines) + "\n"
 
 

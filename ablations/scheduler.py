@@ -120,14 +120,27 @@ def summary(results_dir: Path, url: str, plan: Plan) -> str:
     return sweep_summary(Path(results_dir), url, plan.sweep, plan.profile.name)
 
 
+def print_table(results_dir: Path, url: str, plan: Plan) -> None:
+    """The sweep's table on stdout (and written beside its results), or a warning if it cannot be built."""
+    try:
+        text = summary(results_dir, url, plan)
+    except Exception as e:  # noqa: BLE001 -- a table bug must not hide the sweep's outcome
+        tqdm.write(f"warning: could not build the table of {plan.study_name}: {type(e).__name__}: {e}",
+                   file=sys.stderr)
+        return
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
 class Progress:
     """Consumes worker events: a bar over every grid point of the run (done / running / failed), one
     epoch bar per busy worker, and each sweep's table the moment its last point finishes. Without a
     terminal (make in CI, a log file) bars are off and each finished trial is one line instead."""
 
     def __init__(self, storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Study, Plan]],
-                 results_dir: Path, url: str, bars: bool | None = None):
+                 results_dir: Path, url: str, bars: bool | None = None, tables: bool = True):
         self.storage, self.loaded, self.results_dir, self.url = storage, loaded, results_dir, url
+        self.tables = tables  # off for a round of `--precision`: only the last round's table is shown
         self.bars = sys.stderr.isatty() if bars is None else bars
         self.total = sum(len(p.grid()) for _, p in loaded)
         desc = loaded[0][0].study_name if len(loaded) == 1 else f"{len(loaded)} sweeps"
@@ -148,7 +161,8 @@ class Progress:
         for study, plan in self.loaded:
             states = studies.point_states(study.get_trials(deepcopy=False), plan.grid())
             counts.update(states.values())
-            if study.study_name not in self.printed and all(s in ("COMPLETE", "FAIL") for s in states.values()):
+            if (self.tables and study.study_name not in self.printed
+                    and all(s in ("COMPLETE", "FAIL") for s in states.values())):
                 self.printed.add(study.study_name)
                 self.print_table(plan)
         self.counts = counts
@@ -156,13 +170,7 @@ class Progress:
         self.bar.set_postfix_str(f"done={counts['COMPLETE']} running={counts['RUNNING']} failed={counts['FAIL']}")
 
     def print_table(self, plan: Plan) -> None:
-        try:
-            text = summary(self.results_dir, self.url, plan)
-        except Exception as e:  # noqa: BLE001 -- a table bug must not hide the sweep's outcome
-            self.log(f"warning: could not build the table of {plan.study_name}: {type(e).__name__}: {e}")
-            return
-        tqdm.write(text, file=sys.stdout)
-        sys.stdout.flush()
+        print_table(self.results_dir, self.url, plan)
 
     def handle(self, ev: dict[str, Any]) -> None:
         kind, w = ev["kind"], ev.get("worker", 0)
@@ -300,8 +308,9 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
 
 
 def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], workers: int, *,
-        trainer: str = worker.TRAINER, bars: bool | None = None) -> int:
-    """Open the studies, queue their grids, train with `workers` workers, print tables; exit status."""
+        trainer: str = worker.TRAINER, bars: bool | None = None, tables: bool = True) -> int:
+    """Open the studies, queue their grids, train with `workers` workers, print tables (unless
+    `tables` is off); exit status."""
     resilience.check_writable(Path(results_dir))  # a read-only or full results dir: one line, before any study changes
     storage = studies.open_storage(url)
     loaded = [(studies.open_study(storage, plan, note=False), plan) for plan in plans]
@@ -314,7 +323,7 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
     queued = sum(1 for study, plan in loaded
                  for s in studies.point_states(study.get_trials(deepcopy=False), plan.grid()).values()
                  if s == "WAITING")
-    progress = Progress(storage, loaded, results_dir, url, bars=bars)
+    progress = Progress(storage, loaded, results_dir, url, bars=bars, tables=tables)
     names = [study.study_name for study, _ in loaded]
     workers = max(1, min(workers, queued))
     if workers == 1:  # in-process: no interpreter start-up, and Ctrl-C / kill -9 need no plumbing
@@ -352,7 +361,12 @@ def cli_run(args: argparse.Namespace) -> int:
     url = studies.storage_url(args.results_dir, args.storage)
     plans = plans_from_args(args)
     check_decode_devices(plans, devices)
+    from ablations import rounds
+
+    by_precision = rounds.options(args, plans)  # (precision, max seeds), or None for fixed seeds
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # `kill` requeues trials like Ctrl-C does
+    if by_precision is not None:
+        return rounds.run(plans, url, Path(args.results_dir), devices, args.workers, *by_precision)
     return run(plans, url, Path(args.results_dir), devices, args.workers)
 
 

@@ -147,9 +147,13 @@ class TrainSpec(Frozen):
     weight_decay: float = Field(1e-4, ge=0)  # L2 penalty
     wd_skip_bn_bias: bool = True  # no weight decay on BN parameters and biases
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
-    schedule: Literal["step", "cosine", "constant"] = "cosine"  # LR schedule after warmup
+    schedule: Literal["step", "cosine", "constant", "plateau"] = "cosine"  # LR schedule after warmup
     step_every: int = Field(30, gt=0)  # step schedule: decay every this many epochs (paper: 30)
-    step_gamma: float = Field(0.1, gt=0, le=1)  # step schedule: decay factor (paper: 0.1)
+    step_gamma: float = Field(0.1, gt=0, le=1)  # step and plateau schedules: decay factor (paper: 0.1)
+    patience: int = Field(10, gt=0)  # plateau: epochs without validation-loss improvement before a cut
+    max_cuts: int = Field(3, ge=0)  # plateau: LR cuts; the plateau after the last one ends training
+    plateau_threshold: float = Field(1e-4, ge=0, lt=1)  # plateau: relative loss improvement that counts
+    #                                                    (torch ReduceLROnPlateau's default, mode rel)
     warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length
     precise_bn: int = Field(0, ge=0)  # BN statistics recomputed over this many training batches before
     #                                  each evaluation (pycls's precise BN); 0: the running averages
@@ -163,7 +167,7 @@ class TrainSpec(Frozen):
 class Profile(Frozen):
     """Backbone + data + recipe: where and how big a sweep runs (quick / cifar / paper)."""
 
-    name: str  # profile name; defaults to the file's stem
+    name: str  # profile name (letters, digits, underscore); defaults to the file's stem
     description: str = ""  # one line for --help and the README
     comparable_tables: tuple[int, ...] = ()  # paper tables whose published numbers this recipe reproduces
     #                                          (empty: compare ranks and directions only, not errors)
@@ -171,6 +175,13 @@ class Profile(Frozen):
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     path: str | None = None  # where it was loaded from (not a YAML key)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", v):  # study names are <sweep>-<profile>, split at the last -
+            raise ValueError("a profile name is letters, digits and underscores only")
+        return v
 
 
 class RunConfig(Frozen):

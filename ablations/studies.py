@@ -246,10 +246,13 @@ def plan_from_attrs(name: str, attrs: dict[str, Any], data_root: str | None = No
 
 def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> dict[str, Any]:
     """The parts of a spec that change results (labels, SE, backbone, data, recipe), not the prose.
-    Both specs pass through validation first: a key added since the study was created compares at
-    its default, which is what the study's trials ran with."""
-    sweep_spec = Sweep.model_validate(sweep_spec).model_dump(mode="json", exclude={"path"})
-    profile_spec = Profile.model_validate(profile_spec).model_dump(mode="json", exclude={"path"})
+
+    The profile is re-validated first, so a study stored before a recipe key existed compares equal to
+    the same recipe today (the new key at its default)."""
+    try:
+        profile_spec = Profile.model_validate(profile_spec).model_dump(mode="json", exclude={"path"})
+    except ValueError:  # a spec this version cannot read: compare it as stored (it will differ)
+        pass
     return {"settings": sweep_spec["settings"],
             **{k: profile_spec[k] for k in ("backbone", "data", "train")}}
 

@@ -7,13 +7,16 @@ Run directory contract (the scheduler and the analysis read these; keep the name
     checkpoint.pt    after every epoch: model, optimizer, step, epoch, RNG states, metrics so far
                      (checkpoint.prev.pt: the one before; resuming skips a damaged one: checkpoints.py)
     excitations.npz  the excitation probe (see probe.py)
-    final.json       written last: its presence means the trial is complete
+    final.json       written last: its presence means the trial is complete; `epochs` is the epochs
+                     trained (the plateau schedule may stop before train.epochs), `lr_cuts` the epochs
+                     after which the LR was divided
 
 Every file is written atomically, so a kill at any instant leaves the previous epoch's state intact,
 and a rerun continues from it. The checkpoint holds only tensors and primitive containers so it loads
 with `torch.load(weights_only=True)`. Epoch data order and augmentation are functions of
-(seed, epoch) (data.py), the LR a function of the step counter, and the model/optimizer state is
-restored exactly: a resumed deterministic CPU run ends with the same numbers as an uninterrupted one.
+(seed, epoch) (data.py), the LR a function of the step counter and the stored validation losses
+(schedule.py), and the model/optimizer state is restored exactly: a resumed deterministic CPU run ends
+with the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations import checkpoints
+from ablations import checkpoints, schedule
 from ablations.errors import SpecError
 from ablations.runio import save_json_atomic, write_text_atomic
 from ablations.spec import ROOT, RunConfig, TrainSpec
@@ -129,20 +132,6 @@ def resolve_device(name: str | None) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SpecError(f"{name}: only {torch.cuda.device_count()} CUDA device(s)", key="--device")
     return dev
-
-
-def lr_at(step: int, spec: TrainSpec, steps_per_epoch: int) -> float:
-    """The LR of optimizer step `step` (0-based): linear per-step warmup, then the schedule."""
-    warmup = round(spec.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return spec.lr * (step + 1) / warmup
-    if spec.schedule == "constant":
-        return spec.lr
-    if spec.schedule == "step":  # the paper: divide by 10 every 30 epochs, counted from the start
-        return spec.lr * spec.step_gamma ** (step // steps_per_epoch // spec.step_every)
-    total = spec.epochs * steps_per_epoch
-    progress = (step - warmup) / max(1, total - warmup)
-    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _flatten(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -401,9 +390,10 @@ def autocast(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.A
 
 
 def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
-                amp: Callable[[], Any], bar: Any = None, dist: Dist | None = None) -> tuple[int, float, float, float]:
-    """One pass over this rank's shard, updating `bar` (if any) per step. Returns (next step, mean
-    train loss over all ranks, last LR, loop seconds)."""
+                amp: Callable[[], Any], bar: Any = None, dist: Dist | None = None, cuts: int = 0
+                ) -> tuple[int, float, float, float]:
+    """One pass over this rank's shard, updating `bar` (if any) per step; `cuts`: the plateau rule's
+    LR cuts so far. Returns (next step, mean train loss over all ranks, last LR, loop seconds)."""
     dist = dist or Dist()
     spec = cfg.train
     net.train()
@@ -412,7 +402,7 @@ def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig
     steps = 0
     t0 = time.perf_counter()
     for x, y in data.train_batches(epoch, cfg.seed):
-        new_lr = lr_at(step, spec, data.steps_per_epoch)
+        new_lr = schedule.lr_at(step, spec, data.steps_per_epoch, cuts)
         if new_lr != lr:
             lr = new_lr
             for g in opt.param_groups:
@@ -515,13 +505,20 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
         set_rng_state(ckpt["rng"])
         del ckpt
 
-    for epoch in range(start, spec.epochs):
+    for epoch in range(start, spec.epochs):  # `epochs` is the cap; the plateau rule may end sooner
+        plateau = schedule.plateau_state(spec, [r["val_loss"] for r in rows])
+        if plateau.stop is not None:
+            break
         t0 = time.perf_counter()
         with _progress(data.steps_per_epoch, f"epoch {epoch + 1}/{spec.epochs}", progress) as bar:
-            step, train_loss, lr, loop_s = train_epoch(net, data, opt, cfg, epoch, step, amp, bar, dist)
+            step, train_loss, lr, loop_s = train_epoch(net, data, opt, cfg, epoch, step, amp, bar, dist,
+                                                       cuts=len(plateau.cuts))
         precise_bn(model, data, epoch, cfg.seed, spec.precise_bn, amp)
         dist.broadcast_buffers(model)
         val_loss, top1, top5 = evaluate(eval_net, data, amp, dist, cfg.backbone.num_classes)
+        if not math.isfinite(val_loss):  # an error rate from overflowing logits is no result
+            raise TrialFailed(f"validation loss is {val_loss} after epoch {epoch + 1} (training loss "
+                              f"{train_loss:.4g}): eval-mode activations overflowed, diverged")
         epoch_s = time.perf_counter() - t0
         train_seconds += epoch_s
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
@@ -556,7 +553,8 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
         "params_m": cx.params_m, "gflops": cx.gflops, "params": cx.params, "macs": cx.macs,
         "train_seconds": train_seconds,
         "images_per_s": len(steady) / sum(1.0 / r["images_per_s"] for r in steady),
-        "epochs": len(rows), "device": str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
+        "epochs": len(rows), "lr_cuts": schedule.lr_cuts(spec, [r["val_loss"] for r in rows]),
+        "device": str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
         "versions": dict(versions()), "git_commit": git_commit(),
         "sweep": cfg.sweep, "profile": cfg.profile, "setting": cfg.setting, "seed": cfg.seed,
     }

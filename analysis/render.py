@@ -1,7 +1,9 @@
 """A `Table` as text: Markdown, CSV, LaTeX, HTML and a fixed-width terminal form.
 
-All human-readable forms share one cell formatting (`display_frame`), so the Markdown a notebook shows
-and the one `ablate table` prints are the same string. CSV keeps the numbers unformatted.
+All human-readable forms share one cell formatting (`display_frame`) and the same lines under the table
+(`stat_notes`: the test behind Δ/p/MDE/verdict, and whether the published column is comparable), so the
+Markdown a notebook shows and the one `ablate table` prints are the same string. CSV keeps the numbers
+unformatted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 
 import pandas as pd
 
+from analysis import stats
 from analysis.tables import Table
 
 DASH = "—"
@@ -40,8 +43,11 @@ def _ci(low: float, high: float) -> str:
     return DASH if math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
 
 
-def _delta(d: float) -> str:
-    return DASH if math.isnan(d) else f"{d:+.2f}"
+def _delta(d: float, low: float = math.nan, high: float = math.nan) -> str:
+    """`+0.31 [-0.52, +1.14]`; the bracket only where the CI is defined."""
+    if math.isnan(d):
+        return DASH
+    return f"{d:+.2f}" if math.isnan(low) else f"{d:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def _p(p: float) -> str:
@@ -54,34 +60,87 @@ def _rate(x: float) -> str:
     return DASH if math.isnan(x) else f"{x:,.0f}"
 
 
+def _tests(r: pd.DataFrame, key: str, suffix: str) -> dict[str, list[str] | pd.Series]:
+    """Δ [CI], p, Holm-adjusted p and MDE of one metric (`key`: top1 | top5); `suffix` names top-5's."""
+    name = f"top-{key[-1]}"
+    return {
+        f"Δ {name} [95% CI]": [_delta(d, lo, hi) for d, lo, hi in
+                               zip(r[f"d_{key}"], r[f"d_{key}_ci_low"], r[f"d_{key}_ci_high"])],
+        f"p{suffix}": r[f"p_{key}"].map(_p),
+        f"p{suffix} (Holm)": r[f"p_{key}_adj"].map(_p),
+        f"MDE{suffix}": r[f"mde_{key}"].map(_num),
+    }
+
+
 def display_frame(table: Table) -> pd.DataFrame:
     """Formatted cells with the paper's column names (errors in %, params in M, GFLOPs = GMACs)."""
-    r = table.rows
+    r, top5 = table.rows, table.show_top5
     label = [f"{s} (ref)" if ref else s for s, ref in zip(r["setting"], r["reference"])]
-    return pd.DataFrame({
+    cells: dict[str, pd.Series | list[str]] = {
         "setting": label,
         "n": r["n"].astype(str),
         "top-1 err": [_pm(m, s) for m, s in zip(r["top1_mean"], r["top1_std"])],
         "top-1 95% CI": [_ci(lo, hi) for lo, hi in zip(r["top1_ci_low"], r["top1_ci_high"])],
-        "Δ top-1": r["d_top1"].map(_delta),
-        "p (top-1)": r["p_top1"].map(_p),
-        "top-5 err": [_pm(m, s) for m, s in zip(r["top5_mean"], r["top5_std"])],
-        "Δ top-5": r["d_top5"].map(_delta),
-        "p (top-5)": r["p_top5"].map(_p),
+    }
+    if top5:
+        cells["top-5 err"] = [_pm(m, s) for m, s in zip(r["top5_mean"], r["top5_std"])]
+    cells.update(_tests(r, "top1", ""))
+    cells["verdict"] = r["verdict"].fillna("")
+    if top5:
+        cells.update(_tests(r, "top5", " top-5"))
+    cells.update({
         "params (M)": r["params_m"].map(_sig),
         "GFLOPs": r["gflops"].map(_sig),
         "images/s": r["images_per_s"].map(_rate),
         "paper top-1": r["paper_top1"].map(_num),
-        "paper top-5": r["paper_top5"].map(_num),
-        "paper params (M)": r["paper_params_m"].map(lambda x: _num(x, 1)),
-        "paper GFLOPs": r["paper_gflops"].map(_num),
     })
+    if top5:
+        cells["paper top-5"] = r["paper_top5"].map(_num)
+    cells["paper params (M)"] = r["paper_params_m"].map(lambda x: _num(x, 1))
+    cells["paper GFLOPs"] = r["paper_gflops"].map(_num)
+    return pd.DataFrame(cells)
 
 
 def caption(table: Table) -> str:
-    ref = f" Δ and Welch's t-test p are against {table.sweep.reference!r}." if table.sweep.reference else ""
     return (f"{table.title}. {table.sweep.description} Errors in %, mean ± sample std over seeds, "
-            f"95% CI from Student's t.{ref} GFLOPs are multiply-accumulates.").replace("  ", " ").strip()
+            "95% CI from Student's t. GFLOPs are multiply-accumulates.").replace("  ", " ").strip()
+
+
+def _range(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def test_note(table: Table) -> str | None:
+    """The test behind Δ, p, p (Holm), MDE and verdict, in one line (None without a reference row)."""
+    ref = table.sweep.reference
+    if ref is None:
+        return None
+    tested = [c for c in table.comparisons.values() if c.enough_seeds]
+    if table.paired:
+        how = (f"paired t-test on the per-seed differences, over the seeds each row shares with it "
+               f"(n = {_range([c.n for c in tested])} pairs)" if tested else "paired t-test over shared seeds")
+    else:
+        how = (f"Welch's unpaired t-test (n = {_range([c.n for c in tested])} runs vs {tested[0].n_ref})"
+               if tested else "Welch's unpaired t-test")
+    k1 = int(table.rows["p_top1"].notna().sum())
+    family = f"Holm over k = {k1} top-1 comparison{'s' if k1 != 1 else ''}"
+    if table.show_top5:
+        k5 = int(table.rows["p_top5"].notna().sum())
+        family += f" (top-5: its own family, k = {k5})"
+    corr = table.seed_correlation()
+    evidence = ("" if corr is None or math.isnan(corr.mean)
+                else f" Seed-to-seed correlation with the reference: mean r = {corr.mean:.2f}.")
+    return (f"Δ = row − {ref!r} (points of error) with its 95% CI; {how}; two-sided, "
+            f"alpha = {stats.ALPHA:g}; p (Holm): {family}. MDE: the smallest |Δ| these seeds detect with "
+            f"{stats.POWER:.0%} power at the observed spread. Verdict better/worse only where p (Holm) < "
+            f"{stats.ALPHA:g}; '{stats.TOO_FEW_SEEDS}': fewer than 2 {'pairs' if table.paired else 'runs a side'}."
+            + evidence)
+
+
+def stat_notes(table: Table) -> list[str]:
+    """The lines under every form of the table: the test, and the recipe caveat where it applies."""
+    return [line for line in (test_note(table), table.recipe_note) if line]
 
 
 def notes(table: Table) -> list[str]:
@@ -108,6 +167,8 @@ def _markdown(table: Table) -> str:
     align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(df.columns))) + "|"
     body = ["| " + " | ".join(row) + " |" for row in cells]
     lines = [f"**{table.title}**", "", head, align, *body, "", caption(table)]
+    for line in stat_notes(table):
+        lines += ["", line]
     extra = notes(table)
     if extra:
         lines += ["", *[f"- {n}" for n in extra]]
@@ -125,13 +186,13 @@ _LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
 
 def _tex(text: str) -> str:
     text = re.sub(r"[&%$#_{}~^\\]", lambda m: _LATEX_ESCAPES[m.group()], text)
-    return (text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(DASH, "--")
+    return (text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$").replace(DASH, "--")
             .replace("<0.001", r"$<$0.001"))
 
 
 def _tex_cell(text: str) -> str:
-    # A minus sign, not a hyphen, in front of negative numbers (deltas).
-    return re.sub(r"^-(?=\d)", "$-$", _tex(text))
+    # A minus sign, not a hyphen, in front of negative numbers (deltas and their CI bounds).
+    return re.sub(r"(?<![\w.])-(?=\d)", "$-$", _tex(text))
 
 
 def _latex(table: Table) -> str:
@@ -152,7 +213,7 @@ def _latex(table: Table) -> str:
         r"\bottomrule",
         r"\end{tabular}",
     ]
-    lines += [rf"\par\footnotesize {_tex(n)}" for n in notes(table)]
+    lines += [rf"\par\footnotesize {_tex(n)}" for n in (*stat_notes(table), *notes(table))]
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
@@ -161,16 +222,18 @@ def _html(table: Table) -> str:
     df = display_frame(table)
     body = df.to_html(index=False, escape=True, border=0, classes="ablation-table")
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(table))
+    paragraphs = "".join(f'<p class="stats-note">{html.escape(n)}</p>\n' for n in stat_notes(table))
     return (f'<figure class="table" id="{html.escape(table.stem)}">\n'
-            f"<figcaption>{html.escape(caption(table))}</figcaption>\n{body}\n"
+            f"<figcaption>{html.escape(caption(table))}</figcaption>\n{body}\n{paragraphs}"
             + (f'<ul class="missing">{items}</ul>\n' if items else "") + "</figure>\n")
 
 
 def _text(table: Table) -> str:
-    """Compact fixed-width form for a terminal: the paper's columns without the test statistics."""
-    df = display_frame(table)[["setting", "n", "top-1 err", "top-5 err", "params (M)", "GFLOPs",
-                               "paper top-1", "paper top-5", "paper params (M)", "paper GFLOPs"]]
-    lines = [table.title, df.to_string(index=False), *notes(table)]
+    """Fixed-width form for a terminal: errors, the top-1 test, complexity and the paper's columns
+    (top-5's tests and the CI of the mean stay in the files)."""
+    df = display_frame(table).drop(columns=["top-1 95% CI", "images/s", "Δ top-5 [95% CI]", "p top-5",
+                                            "p top-5 (Holm)", "MDE top-5"], errors="ignore")
+    lines = [table.title, df.to_string(index=False), *stat_notes(table), *notes(table)]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,9 @@ and a fake trainer with the real one's contract (importable by spawned workers, 
 
 The fake trainer resumes from `checkpoint.json` in its run dir, sleeps FAKE_EPOCH_S per epoch (so a test
 can kill it mid-epoch), appends one line per (re)start to calls.log (pid, start epoch, data root, epochs), fails on
-FAKE_NAN_SETTING / crashes on FAKE_CRASH_SETTING, and writes final.json last.
+FAKE_NAN_SETTING / crashes on FAKE_CRASH_SETTING, and writes final.json last. Its top-1 error is a fixed
+function of (setting, seed), plus FAKE_NOISE times a standard normal draw seeded by (setting, seed): a spread
+that is the same on every rerun.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -53,7 +56,8 @@ def fake_train(cfg, out_dir, *, device=None, data_root=None, progress=True, on_e
         ckpt.write_text(json.dumps({"epoch": epoch}))
         if on_epoch is not None:
             on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1_err": 50.0 / epoch})
-    final = {"top1_err": 10.0 + cfg.seed + len(cfg.setting) / 10, "top5_err": 1.5, "val_loss": 0.5,
+    noise = float(os.environ.get("FAKE_NOISE", "0")) * random.Random(f"{cfg.setting}|{cfg.seed}").gauss(0, 1)
+    final = {"top1_err": 10.0 + cfg.seed + len(cfg.setting) / 10 + noise, "top5_err": 1.5, "val_loss": 0.5,
              "params_m": 0.4, "gflops": 0.01, "params": 400000, "macs": 10_000_000, "train_seconds": 0.1,
              "images_per_s": 100.0, "epochs": cfg.train.epochs, "device": device or "cpu",
              "versions": {"torch": "x"}, "git_commit": "abc", "sweep": cfg.sweep, "profile": cfg.profile,

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import shutil
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from analysis_fixtures import PROFILE, RATIO, make_results, top1, top5
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 from ablations.cli import main
 from ablations.paper import published_row
 from ablations.spec import load_sweep
-from analysis import load
+from analysis import load, stats
 from analysis.render import render
-from analysis.tables import load_table, sweep_summary, write_all_tables, write_table
+from analysis.tables import (
+    build_table,
+    load_table,
+    profile_facts,
+    sweep_summary,
+    write_all_tables,
+    write_table,
+)
+
+# The seeds each Table 10 setting completed in the fixture (r=8 seed 2 runs, r=32 seed 2 failed).
+RATIO_SEEDS = {label: [0, 1] if label in ("r=8", "r=32") else [0, 1, 2] for label in RATIO}
+TOP1_COLUMNS = ["d_top1", "d_top1_ci_low", "d_top1_ci_high", "p_top1", "p_top1_adj", "mde_top1", "verdict"]
+
+
+def fixture_errors(label: str, metric=top1) -> dict[int, float]:
+    return {k: metric(RATIO[label], k) for k in RATIO_SEEDS[label]}
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +89,165 @@ def test_table10_rows_in_paper_order_with_stats_and_paper_numbers(results):
     rows = table.rows.set_index("setting")
     assert list(table.rows["setting"]) == ["r=2", "r=4", "r=8", "r=16", "r=32", "original"]
     assert list(table.rows["n"]) == [3, 3, 2, 3, 2, 3]
-    base = RATIO["r=16"]
-    assert rows.loc["r=16", "top1_mean"] == pytest.approx(top1(base, 1))  # seeds +0, +0.1, +0.2
-    assert rows.loc["r=16", "top1_std"] == pytest.approx(0.1)
-    assert rows.loc["r=16", "top5_mean"] == pytest.approx(top5(base, 1))
-    assert rows.loc["r=16", "d_top1"] == pytest.approx(base - RATIO["original"])
-    assert 0 < rows.loc["r=16", "p_top1"] < 0.01
+    r16 = list(fixture_errors("r=16").values())
+    assert rows.loc["r=16", "top1_mean"] == pytest.approx(np.mean(r16))
+    assert rows.loc["r=16", "top1_std"] == pytest.approx(np.std(r16, ddof=1))
+    original = list(fixture_errors("original").values())
+    assert rows.loc["r=16", "d_top1"] == pytest.approx(np.mean(r16) - np.mean(original))
     assert bool(rows.loc["original", "reference"]) and math.isnan(rows.loc["original", "d_top1"])
+    assert rows.loc["original", "verdict"] == "reference"
     for label in RATIO:
         paper = published_row(10, label)
         assert rows.loc[label, "paper_top1"] == paper["top1_err"]
         assert rows.loc[label, "paper_params_m"] == paper["params_m"]
+
+
+def test_table10_csv_reproduced_with_scipy_and_statsmodels(results):
+    trials = load.load_trials(results)
+    attrs = load.load_studies(results)[("ratio", PROFILE)]
+    table = build_table(trials, load_sweep("ratio"), PROFILE, attrs)
+    csv = pd.read_csv(io.StringIO(render(table, "csv"))).set_index("setting")
+    ref = fixture_errors("original")
+    labels = [label for label in RATIO if label != "original"]
+    expected = {}
+    for label in labels:
+        row = fixture_errors(label)
+        a = np.array([row[k] for k in row if k in ref])  # pairs: the seeds both completed
+        b = np.array([ref[k] for k in row if k in ref])
+        test = sps.ttest_rel(a, b)
+        ci = test.confidence_interval(0.95)
+        power = TTestPower().solve_power(nobs=len(a), alpha=0.05, power=0.8, alternative="two-sided")
+        expected[label] = {"d_top1": np.mean(a - b), "d_top1_ci_low": ci.low, "d_top1_ci_high": ci.high,
+                           "p_top1": test.pvalue, "mde_top1": power * np.std(a - b, ddof=1)}
+    adjusted = multipletests([expected[label]["p_top1"] for label in labels], method="holm")[1]
+    for label, p_adj in zip(labels, adjusted):
+        for col, value in {**expected[label], "p_top1_adj": p_adj}.items():
+            assert csv.loc[label, col] == pytest.approx(value, rel=1e-5), (label, col)
+        d = expected[label]["d_top1"]
+        want = "no detected difference" if p_adj >= 0.05 else ("better" if d < 0 else "worse")
+        assert csv.loc[label, "verdict"] == want, label
+    assert csv.loc["original", "verdict"] == "reference" and csv.loc["original", TOP1_COLUMNS[:-1]].isna().all()
+    # The fixture is built to exercise both sides of the rule, and Holm's part in it.
+    assert set(csv["verdict"]) == {"better", "no detected difference", "reference"}
+    assert ((csv["p_top1"] < 0.05) & (csv["p_top1_adj"] >= 0.05)).any()
+
+
+def test_unpaired_flag_gives_welch_over_all_runs(results):
+    trials = load.load_trials(results)
+    table = build_table(trials, load_sweep("ratio"), PROFILE, paired=False)
+    rows = table.rows.set_index("setting")
+    ref = list(fixture_errors("original").values())
+    for label in ("r=2", "r=8"):
+        welch = sps.ttest_ind(list(fixture_errors(label).values()), ref, equal_var=False)
+        assert rows.loc[label, "p_top1"] == pytest.approx(welch.pvalue, rel=1e-9)
+        assert rows.loc[label, "d_top1_ci_low"] == pytest.approx(welch.confidence_interval().low, rel=1e-9)
+    assert "Welch's unpaired t-test (n = 2–3 runs vs 3)" in render(table, "md")
+    assert "paired t-test on the per-seed differences" in render(build_table(trials, load_sweep("ratio"), PROFILE),
+                                                                  "md")
+
+
+def test_top5_columns_only_above_ten_classes(results):
+    trials = load.load_trials(results)
+    sweep = load_sweep("ratio")
+    ten = build_table(trials, sweep, PROFILE)  # the quick profile file: 10 classes
+    assert ten.facts.num_classes == 10
+    assert list(ten.rows.columns) == [
+        "setting", "reference", "n", "seeds", "top1_mean", "top1_std", "top1_ci_low", "top1_ci_high",
+        *TOP1_COLUMNS, "params_m", "gflops", "images_per_s", "paper_top1", "paper_params_m", "paper_gflops",
+        "missing_seeds"]
+    for fmt in ("md", "csv", "latex", "html", "text"):
+        assert "top5" not in render(ten, fmt) and "top-5" not in render(ten, fmt), fmt
+
+    wide = build_table(trials, sweep, PROFILE, {"profile_spec": {"backbone": {"num_classes": 1000}}})
+    cols = list(wide.rows.columns)
+    top5_cols = ["top5_mean", "top5_std", "top5_ci_low", "top5_ci_high", "d_top5", "d_top5_ci_low",
+                 "d_top5_ci_high", "p_top5", "p_top5_adj", "mde_top5", "paper_top5"]
+    assert set(top5_cols) <= set(cols) and cols.index("verdict") < cols.index("d_top5")
+    rows = wide.rows.set_index("setting")
+    labels = [label for label in RATIO if label != "original"]
+    ref = fixture_errors("original", top5)
+    raw = []
+    for label in labels:
+        row = fixture_errors(label, top5)
+        raw.append(sps.ttest_rel([row[k] for k in row], [ref[k] for k in row]).pvalue)
+    # Top-5 is its own Holm family: adjusted over the table's top-5 p's, not mixed with top-1's.
+    np.testing.assert_allclose(rows.loc[labels, "p_top5"], raw, rtol=1e-9)
+    np.testing.assert_allclose(rows.loc[labels, "p_top5_adj"], multipletests(raw, method="holm")[1], rtol=1e-9)
+    np.testing.assert_allclose(rows.loc[labels, "p_top1_adj"], ten.rows.set_index("setting").loc[labels, "p_top1_adj"])
+    assert rows.loc["r=16", "paper_top5"] == published_row(10, "r=16")["top5_err"]
+    md = render(wide, "md")
+    assert "Δ top-5 [95% CI]" in md and "p top-5 (Holm)" in md and "paper top-5" in md
+    assert "top-5: its own family, k = 5" in md
+
+
+def test_number_of_classes_sources_in_order(tmp_path):
+    runs = pd.DataFrame({"run_dir": [None, str(tmp_path)]})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"backbone": {"num_classes": 100}}))
+    attrs = {"profile_spec": {"backbone": {"num_classes": 7}, "comparable_tables": [10]}}
+    assert profile_facts("paper", attrs, runs) == profile_facts("nosuch", attrs, runs)  # the study first
+    assert profile_facts("paper", attrs, runs).num_classes == 7
+    assert profile_facts("paper", attrs, runs).comparable_tables == (10,)
+    paper = profile_facts("paper", None, runs)  # then the profile file
+    assert paper.num_classes == 1000 and paper.comparable_tables == tuple(range(10, 17))
+    assert profile_facts("quick", None, runs).num_classes == 10
+    # A study from before comparable_tables existed: classes from the study, comparable from the file.
+    old = profile_facts("paper", {"profile_spec": {"backbone": {"num_classes": 1000}}}, runs)
+    assert old.comparable_tables == tuple(range(10, 17))
+    unknown = profile_facts("nosuch", None, runs)  # then a run dir's config.yaml
+    assert unknown.num_classes == 100 and unknown.comparable_tables == ()
+    nothing = profile_facts("nosuch", None, runs.iloc[:1])
+    assert nothing.num_classes is None and nothing.shows_top5  # unknown: top-5 is kept, not guessed away
+
+
+def test_recipe_note_for_quick_not_for_paper(results):
+    trials = load.load_trials(results)
+    sweep = load_sweep("ratio")
+    note = "The published column is ImageNet with the paper's Sec. 6 recipe; profile quick compares ranks"
+    quick = build_table(trials, sweep, PROFILE)
+    for fmt in ("md", "html", "latex", "text"):
+        assert note in html.unescape(render(quick, fmt)), fmt
+    paper = build_table(trials.assign(profile="paper"), sweep, "paper")
+    assert paper.has_results and paper.recipe_note is None
+    for fmt in ("md", "html", "latex", "text"):
+        assert "published column is ImageNet" not in render(paper, fmt), fmt
+
+
+def test_sweep_without_reference_has_no_tests(results):
+    sweep = load_sweep("ratio").model_copy(update={"reference": None})
+    table = build_table(load.load_trials(results), sweep, PROFILE)
+    assert table.rows["d_top1"].isna().all() and table.rows["p_top1_adj"].isna().all()
+    assert (table.rows["verdict"] == "").all() and table.seed_correlation() is None
+    md = render(table, "md")
+    assert "t-test" not in md and "| r=16 | 3 |" in md
+
+
+def test_rendered_delta_ci_p_and_verdict(results):
+    table = load_table(results, None, load_sweep("ratio"), PROFILE)
+    r = table.rows.set_index("setting").loc["r=4"]
+    cell = f"{r['d_top1']:+.2f} [{r['d_top1_ci_low']:+.2f}, {r['d_top1_ci_high']:+.2f}]"
+    md = render(table, "md")
+    line = next(x for x in md.splitlines() if x.startswith("| r=4 |"))
+    assert cell in line and f"| {r['mde_top1']:.2f} |" in line and line.endswith(
+        f"| {r['verdict']} | 0.480 | 0.0123 | 1,010 | 22.25 | 35.7 | — |")
+    head = md.splitlines()[2]
+    assert "| Δ top-1 [95% CI] | p | p (Holm) | MDE | verdict |" in head
+    assert "paired t-test on the per-seed differences" in md and "(n = 2–3 pairs)" in md
+    assert "Holm over k = 5 top-1 comparisons" in md and "80% power" in md and "alpha = 0.05" in md
+    corr = stats.seed_correlation(table.per_seed(), "original")
+    assert f"mean r = {corr.mean:.2f}" in md
+    assert r["d_top1_ci_high"] < 0  # so every number in the cell is negative
+    assert cell.replace("-", "$-$") in render(table, "latex")  # minus signs, not hyphens
+
+
+def test_per_seed_frame_feeds_seed_correlation(results):
+    table = load_table(results, None, load_sweep("ratio"), PROFILE)
+    wide = table.per_seed()
+    assert list(wide.columns) == list(RATIO) and list(wide.index) == [0, 1, 2]
+    assert wide.loc[1, "r=16"] == pytest.approx(top1(RATIO["r=16"], 1)) and math.isnan(wide.loc[2, "r=8"])
+    corr = table.seed_correlation()
+    assert corr.reference == "original" and math.isnan(corr.correlations["r=8"])  # two seeds: no r
+    expect = np.corrcoef(list(fixture_errors("r=16").values()), list(fixture_errors("original").values()))[0, 1]
+    assert corr.correlations["r=16"] == pytest.approx(expect)
 
 
 def test_missing_results_are_listed_not_fatal(results):
@@ -107,7 +276,7 @@ def test_results_dir_alone_gives_the_same_numbers(results, tmp_path):
     (copy / "optuna.db").unlink()
     with_db = load_table(results, None, load_sweep("ratio"), PROFILE).rows
     without = load_table(copy, None, load_sweep("ratio"), PROFILE)
-    cols = ["setting", "n", "top1_mean", "top1_std", "p_top1", "top5_mean", "params_m", "gflops"]
+    cols = ["setting", "n", "top1_mean", "top1_std", "p_top1", "p_top1_adj", "verdict", "params_m", "gflops"]
     pd.testing.assert_frame_equal(with_db[cols], without.rows[cols])
     # Without the storage nothing knows that r=8 seed 2 is running: it has not started as far as we know.
     assert {(m.setting, m.seed, m.why) for m in without.missing} == {("r=8", 2, "not started"),
@@ -145,7 +314,9 @@ def test_sweep_summary_prints_and_writes(results, tmp_path):
     lines = text.splitlines()
     assert lines[0] == "Table 10 (ratio, profile quick)"
     row = next(x for x in lines if x.split()[:1] == ["r=16"])
-    assert "2.40 ± 0.10" in row and "22.28" in row and "28.1" in row and "0.38" in row
+    r16 = list(fixture_errors("r=16").values())
+    assert f"{np.mean(r16):.2f} ± {np.std(r16, ddof=1):.2f}" in row and "22.28" in row and "28.1" in row
+    assert "0.38" in row and row.split()[-1] == "—" and "no detected difference" not in row
     assert "missing: r=32: seed 2" in text
     out = tmp_path / "r" / PROFILE / "ratio"
     assert (out / "table.md").read_text() == render(load_table(results, None, load_sweep("ratio"), PROFILE), "md")

@@ -19,8 +19,8 @@ from ablations import dashboard, scheduler, studies
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ratio_plan(*overrides: str, sweep: str = "ratio"):
-    args = argparse.Namespace(sweeps=[sweep], profile="quick", set=list(overrides), seeds=None, data_root=None)
+def ratio_plan(*overrides: str, sweep: str = "ratio", profile: str = "quick"):
+    args = argparse.Namespace(sweeps=[sweep], profile=profile, set=list(overrides), seeds=None, data_root=None)
     (plan,) = scheduler.plans_from_args(args)
     return plan
 
@@ -45,6 +45,13 @@ def test_note_has_description_and_published_numbers():
     assert "| original | 23.30 | 6.55 |" in note
     assert "`--set train.epochs=2`" in note
     assert "not the absolute errors" in note  # quick is not ImageNet
+    assert "`ablate table ratio` tests them" in note
+
+
+def test_note_says_published_errors_compare_only_for_the_papers_recipe():
+    assert "not the absolute errors" not in dashboard.study_note(ratio_plan(profile="paper"))
+    assert "not the absolute errors" in dashboard.study_note(ratio_plan(profile="cifar"))
+    assert "not the absolute errors" in dashboard.study_note(ratio_plan(profile="paper_sec5"))  # Tables 2-5
 
 
 def test_note_saved_once_and_rewritten_when_it_changes(tmp_path):

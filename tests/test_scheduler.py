@@ -97,6 +97,7 @@ def _no_fake_env(monkeypatch):
     monkeypatch.delenv("FAKE_NAN_SETTING", raising=False)
     monkeypatch.delenv("FAKE_EPOCH_S", raising=False)
     monkeypatch.delenv("FAKE_CRASH_SETTING", raising=False)
+    monkeypatch.delenv("FAKE_NOISE", raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,6 +143,17 @@ def test_bad_sweep_file_is_one_line_exit_2_and_no_study(case, tmp_path, results,
     (["--workers", "0"], "--workers"),
     (["--set", "train.nope=1"], "train.nope"),
     (["--profile", "nosuchprofile"], "nosuchprofile"),
+    (["--precision", "0"], "--precision: must be a positive number of top-1 points (got '0')"),
+    (["--precision", "-0.5"], "--precision: must be a positive number"),
+    (["--precision", "half"], "--precision: must be a positive number of top-1 points (got 'half')"),
+    (["--precision", "nan"], "--precision: must be a positive number"),
+    (["--max-seeds", "5"], "--max-seeds: needs --precision"),
+    (["--precision", "0.5", "--max-seeds", "1"], "--max-seeds: 1 is below the 2 seeds the run starts with "
+                                                 "(mini's seeds)"),
+    (["--precision", "0.5", "--seeds", "6", "--max-seeds", "5"], "--max-seeds: 5 is below the 6 seeds the run "
+                                                                 "starts with (--seeds)"),
+    (["--precision", "0.5", "--seeds", "21"], "--max-seeds: 20 is below the 21 seeds"),  # the default cap
+    (["--precision", "0.5", "--max-seeds", "many"], "--max-seeds"),
 ])
 def test_bad_options_are_one_line_exit_2_and_no_study(options, expected, tmp_path, results, capsys):
     rc, err = _cli(capsys, "run", str(write_sweep(tmp_path)), "--results-dir", str(results), *options)
@@ -212,6 +224,20 @@ def test_study_with_a_different_recipe_is_refused(tmp_path, results):
     (plan,) = make_plans(write_sweep(tmp_path))
     studies.open_study(storage, plan)
     (other,) = make_plans(write_sweep(tmp_path), "train.lr=0.5")
+    with pytest.raises(SpecError, match="different settings or profile"):
+        studies.open_study(storage, other)
+
+
+def test_study_stored_before_a_recipe_key_existed_is_the_same_recipe(tmp_path, results):
+    storage = studies.open_storage(url_of(results))
+    (plan,) = make_plans(write_sweep(tmp_path))
+    study = studies.open_study(storage, plan)
+    old = study.user_attrs["profile_spec"]
+    for key in ("patience", "max_cuts", "plateau_threshold"):  # as a version without them stored it
+        del old["train"][key]
+    study.set_user_attr("profile_spec", old)
+    studies.open_study(storage, plan)  # not refused
+    (other,) = make_plans(write_sweep(tmp_path), "train.patience=3")
     with pytest.raises(SpecError, match="different settings or profile"):
         studies.open_study(storage, other)
 
@@ -661,22 +687,11 @@ def test_make_target_runs_the_sweep_with_its_variables():
     for part in ("--profile quick", "--seeds 2", "--workers 3", "--results-dir /tmp/r", "--devices cpu",
                  "--storage sqlite:////tmp/r/x.db"):
         assert part in line
+    assert "--precision" not in line and "--max-seeds" not in line
     targets = subprocess.run(["make", "-n", "ablations", "PYTHON=python3"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout
     assert "run ratio squeeze excitation stages integration se3x3 nosqueeze" in targets
-
-
-def test_study_created_before_a_new_profile_key_still_opens(tmp_path, results):
-    """A study stored before a key existed (here `data.decode`) ran with that key's default: reopening
-    it with the same recipe must not be refused as a different one, while a real change still is."""
-    storage = studies.open_storage(url_of(results))
-    (plan,) = make_plans(write_sweep(tmp_path))
-    study = studies.open_study(storage, plan)
-    old_profile = dict(study.user_attrs["profile_spec"])
-    old_profile["data"] = {k: v for k, v in old_profile["data"].items() if k != "decode"}
-    study.set_user_attr("profile_spec", old_profile)
-    assert "decode" not in load(results).user_attrs["profile_spec"]["data"]
-    studies.open_study(storage, plan)  # not refused
-    (gpu,) = make_plans(write_sweep(tmp_path), "data.decode=gpu")
-    with pytest.raises(SpecError, match="different settings or profile"):
-        studies.open_study(storage, gpu)
+    by_precision = subprocess.run(["make", "-n", "ablation-stages", "PYTHON=python3", "PRECISION=0.5",
+                                   "MAX_SEEDS=12"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in by_precision.splitlines() if " run stages " in x)
+    assert "--precision 0.5" in line and "--max-seeds 12" in line and "--seeds 3" in line

@@ -81,3 +81,27 @@ def test_cli_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "reduction: must be in 1..C for a block with C=256 channels (got 5000)" in proc.stderr
+
+
+def test_profile_name_must_be_an_identifier(tmp_path, capsys):
+    """Study names are <sweep>-<profile>, read back by splitting at the last '-'."""
+    path = tmp_path / "paper-sec6.yaml"
+    path.write_text("description: a name with a dash\n")
+    assert main(["complexity", "ratio", "--profile", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err
+    assert "name: a profile name is letters, digits and underscores only (got 'paper-sec6')" in err
+    (tmp_path / "paper_sec6.yaml").write_text("description: fine\n")
+    assert load_profile(tmp_path / "paper_sec6.yaml").name == "paper_sec6"
+
+
+def test_paper_profiles_keep_the_two_recipes_apart():
+    """Sec. 6 (the ablation tables) and Sec. 5.1 (Tables 2-5) are different recipes (DESIGN.md)."""
+    ablations, sec5 = load_profile("paper"), load_profile("paper_sec5")
+    assert ablations.comparable_tables == tuple(range(10, 17)) and sec5.comparable_tables == (2, 3, 4, 5)
+    t = ablations.train
+    assert (t.schedule, t.lr, t.step_gamma, t.max_cuts, t.label_smoothing) == ("plateau", 0.1, 0.1, 3, 0.1)
+    assert t.epochs >= 300 and ablations.data.batch_size == 256
+    t = sec5.train
+    assert (t.schedule, t.lr, t.step_every, t.epochs, sec5.data.batch_size) == ("step", 0.6, 30, 100, 1024)
+    assert ablations.backbone == sec5.backbone and ablations.backbone.stride_in_1x1

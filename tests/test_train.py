@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,18 +22,18 @@ from ablations import cli
 from ablations.complexity import complexity
 from ablations.errors import SpecError
 from ablations.patch import build_model
+from ablations.schedule import lr_at, plateau
 from ablations.spec import ROOT, BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec, load_profile
 from ablations.train import (
     METRIC_COLUMNS,
     TrialFailed,
-    lr_at,
     make_optimizer,
     precise_bn,
     train,
 )
 
 FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
-              "images_per_s", "epochs", "device", "versions", "git_commit", "sweep", "profile", "setting",
+              "images_per_s", "epochs", "lr_cuts", "device", "versions", "git_commit", "sweep", "profile", "setting",
               "seed"}
 TIMING = ("epoch_seconds", "images_per_s")
 TINY_SET = ["backbone.layers=[1,1,1,1]", "backbone.channels=[16,16,16,16]", "backbone.num_classes=4",
@@ -181,6 +182,7 @@ def test_run_directory_contract(tmp_path):
     assert [r["epoch"] for r in seen] == [1, 2] and float(rows[-1]["top1_err"]) == final["top1_err"]
     assert 0 <= final["top1_err"] <= 100 and 0 <= final["top5_err"] <= final["top1_err"]
     assert final["epochs"] == 2 and final["device"] == "cpu" and final["seed"] == 3
+    assert final["lr_cuts"] == []  # cosine
     assert set(final["versions"]) == {"python", "torch", "timm"}
     c = complexity(build_model(cfg.backbone, cfg.se), 8, 3)
     assert (final["params"], final["macs"]) == (c.params, c.macs)
@@ -257,9 +259,54 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path):
     assert np.array_equal(a["SE_3_1.mean"], b["SE_3_1.mean"])
 
 
+PLATEAU = {"schedule": "plateau", "patience": 1, "max_cuts": 1, "step_gamma": 0.1, "epochs": 12,
+           "plateau_threshold": 0.9, "deterministic": True}  # a 90% drop per epoch to count: plateaus soon
+
+
+def test_plateau_schedule_cuts_stops_early_and_resumes_bit_identically(tmp_path):
+    cfg = tiny_cfg(**PLATEAU)
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    rows = read_metrics(tmp_path / "whole")
+    rule = plateau([float(r["val_loss"]) for r in rows], 1, 0.9, 1)
+    assert rule.stop == whole["epochs"] == len(rows) < 12  # stopped by the rule, not the cap
+    assert list(rule.cuts) == whole["lr_cuts"] and len(whole["lr_cuts"]) == 1
+    (cut,) = whole["lr_cuts"]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[:cut] == [pytest.approx(0.05)] * cut  # warmup ends within epoch 1
+    assert lrs[cut:] == [pytest.approx(0.005)] * (len(rows) - cut)  # the metrics show the cut
+
+    def stop_at(epoch):
+        def hook(row):
+            if row["epoch"] == epoch:
+                raise Interrupt
+        return hook
+
+    for epoch in (cut, rule.stop):  # killed right after the cut, then right after the last epoch
+        with pytest.raises(Interrupt):
+            train(cfg, tmp_path / "cut", progress=False, on_epoch=stop_at(epoch))
+    assert not (tmp_path / "cut" / "final.json").exists()
+    trained = []
+    resumed = train(cfg, tmp_path / "cut", progress=False, on_epoch=trained.append)
+    assert trained == []  # the stored losses say the rule had stopped: nothing more to train
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(rows)
+    for key in ("top1_err", "top5_err", "val_loss", "epochs", "lr_cuts"):
+        assert resumed[key] == whole[key]
+
+
 def test_diverging_loss_stops_the_trial(tmp_path):
     with pytest.raises(TrialFailed, match="training loss is (nan|inf).*diverged"):
         train(tiny_cfg(lr=1e8), tmp_path, progress=False)
+    assert not (tmp_path / "final.json").exists()
+
+
+def test_overflowing_validation_fails_the_trial(tmp_path, monkeypatch):
+    """A finite training loss with non-finite validation logits (an unbounded gate can do this in eval
+    mode) is a diverged trial, not an error rate."""
+    import ablations.train as train_module
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (math.inf, 90.0, 50.0))
+    with pytest.raises(TrialFailed, match="validation loss is inf after epoch 1.*diverged"):
+        train(tiny_cfg(), tmp_path, progress=False)
     assert not (tmp_path / "final.json").exists()
 
 
@@ -308,6 +355,12 @@ def test_cli_default_is_standard_se_r16(tmp_path, capsys):
     (["--set", "data.dataset=mnist"], "data.dataset"),
     (["--set", "data.input_size=4"], "data.input_size: 4 is too small"),
     (["--set", "train.epochs=0"], "train.epochs"),
+    (["--set", "train.schedule=plateu"], "train.schedule"),
+    (["--set", "train.patience=0"], "train.patience: Input should be greater than 0 (got 0)"),
+    (["--set", "train.max_cuts=-1"], "train.max_cuts: Input should be greater than or equal to 0"),
+    (["--set", "train.plateau_threshold=-0.1"], "train.plateau_threshold"),
+    (["--set", "train.plateau_threshold=1"], "train.plateau_threshold"),
+    (["--set", "train.patience=soon"], "train.patience"),
     (["--set", "train.epochz=3"], "--set: train.epochz: unknown key"),
     (["--setting", "max"], "--setting: needs --sweep"),
     (["--sweep", "squeeze", "--setting", "nope"], "--setting: unknown label 'nope'"),
