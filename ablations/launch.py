@@ -162,7 +162,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     """Open the storage, create/load the studies, recover and queue their grids (as `ablate run` does).
     Returns (storage URL, study names)."""
     from ablations import studies
-    from ablations.scheduler import load_named_study, plans_from_args
+    from ablations.scheduler import check_decode_devices, load_named_study, plans_from_args
 
     results_dir = Path(args.results_dir).resolve()  # jobs may start elsewhere
     url = studies.storage_url(results_dir, args.storage)
@@ -171,6 +171,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
                         "network file systems); use postgresql://user@host/db", source="--storage",
                         key=shown(url))
     plans = plans_from_args(args) if args.sweeps else []
+    check_decode_devices(plans, [task_device(args.gpus_per_node)])
     storage = studies.open_storage(url)
     loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
     for name in args.study:

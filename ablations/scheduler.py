@@ -104,6 +104,15 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     return plans
 
 
+def check_decode_devices(plans: list[Plan], devices: list[str]) -> None:
+    """`data.decode: gpu` on a CPU device, refused before any study or trial changes."""
+    from ablations.data import check_decode_device
+
+    for plan in plans:
+        for device in devices:
+            check_decode_device(plan.profile.data, device)
+
+
 def _check_scale_options(args: argparse.Namespace, workers: int | None = None) -> None:
     if workers is not None and workers <= 0:
         raise SpecError(f"must be a positive integer (got {workers})", source="--workers")
@@ -367,6 +376,7 @@ def cli_run(args: argparse.Namespace) -> int:
     devices = device_groups(resolve_devices(args.devices), args.nproc_per_node)
     url = studies.storage_url(args.results_dir, args.storage)
     plans = plans_from_args(args)
+    check_decode_devices(plans, devices)
     from ablations import rounds
 
     by_precision = rounds.options(args, plans)  # (precision, max seeds), or None for fixed seeds
@@ -388,6 +398,7 @@ def cli_worker(args: argparse.Namespace) -> int:
     storage = studies.open_storage(url)
     study = load_named_study(storage, args.study)
     plan = studies.plan_from_attrs(args.study, study.user_attrs, args.data_root)
+    check_decode_devices([plan], [device or resolve_devices(None)[0]])  # None: the trainer's default
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     progress = Progress(storage, [(study, plan)], Path(args.results_dir), url)
     worker.work(url, [args.study], results_dir=Path(args.results_dir), device=device, data_root=args.data_root,

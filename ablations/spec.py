@@ -186,6 +186,7 @@ class DataSpec(Frozen):
     batch_size: int = Field(128, gt=0)  # global training batch
     eval_batch_size: int = Field(512, gt=0)  # evaluation batch
     workers: int = Field(4, ge=0)  # DataLoader workers (imagefolder only; in-memory sets need none)
+    decode: Literal["cpu", "gpu"] = "cpu"  # imagefolder JPEGs: cpu (PIL in workers) | gpu (nvJPEG, CUDA only)
     synthetic_size: int = Field(2048, gt=0)  # synthetic: training images (val is a quarter)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: held-out stratified fraction
     crop_padding: int | None = Field(None, ge=0)  # in-memory sets: pad-and-crop pixels (None: input_size//8)

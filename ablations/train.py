@@ -461,21 +461,25 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
     if dist.is_main:
         for stale in out_dir.glob(".*.tmp"):  # a write that a kill cut short (runio's temp files)
             stale.unlink(missing_ok=True)
+    from ablations.data import load_data
+
+    mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     with torch_settings(cfg.train, dev):
-        return _train(cfg, out_dir, dev, dist, data_root, progress, on_epoch)
+        data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
+                         world_size=dist.world_size)
+        try:
+            return _train(cfg, out_dir, dev, dist, data, mf, progress, on_epoch)
+        finally:
+            data.close()  # a long-lived worker's next trial must not inherit this one's loader workers
 
 
-def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_root: str | None,
+def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, mf: torch.memory_format,
            progress: bool, on_epoch: Callable[[dict], None] | None) -> dict:
     from ablations.complexity import complexity
-    from ablations.data import load_data
     from ablations.patch import build_model
     from ablations.probe import probe_excitations, save_excitations
 
     spec = cfg.train
-    mf = torch.channels_last if spec.channels_last else torch.contiguous_format
-    data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
-                     world_size=dist.world_size)
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
     cx = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)  # before any training step
