@@ -197,9 +197,23 @@ def _lazy(module: str, function: str):
     return run
 
 
+DIR_OPTIONS = {"results_dir": "--results-dir", "out": "--out", "logs": "--logs"}
+
+
+def check_dir_options(args: argparse.Namespace) -> None:
+    """Directory options that cannot be directories (a file, or a path under one): one line now, not a
+    traceback at the first write."""
+    from ablations.paths import check_dir_option
+
+    for attr, option in DIR_OPTIONS.items():
+        if getattr(args, attr, None) is not None:
+            check_dir_option(getattr(args, attr), option)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_dir_options(args)
         return args.func(args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)

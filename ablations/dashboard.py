@@ -83,18 +83,22 @@ def save_study_note(storage: optuna.storages.BaseStorage, study: optuna.Study, p
 
 
 def cli_dashboard(args: argparse.Namespace) -> int:
+    from ablations import storage_url
+    from ablations.studies import open_storage
+
+    if not 1 <= args.port <= 65535:
+        raise SpecError(f"must be a port number in 1..65535 (got {args.port})", source="--port")
+    url = storage_url.resolve(args.results_dir, args.storage)
+    storage = open_storage(url)
     from optuna_dashboard import run_server
 
-    from ablations.studies import open_storage, storage_url
-
-    url = storage_url(args.results_dir, args.storage)
-    storage = open_storage(url)
-    print(f"optuna-dashboard on {url}: http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
-          flush=True)
+    print(f"optuna-dashboard on {storage_url.shown(url)}: http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
     try:
         run_server(storage, host=args.host, port=args.port)
-    except OSError as e:
-        raise SpecError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}", source="--port") from None
+    except (OSError, OverflowError) as e:  # the port taken, the host unknown here
+        reason = getattr(e, "strerror", None) or e
+        raise SpecError(f"cannot listen on {args.host}:{args.port}: {reason}", source="--port") from None
     except KeyboardInterrupt:
         pass
     return 0

@@ -7,8 +7,10 @@ the training device:
 - `InMemoryData` (digits, synthetic, CIFAR): the whole set lives on the training device as uint8 and
   is augmented there, a batch at a time (zero-pad + random crop, horizontal flip), then normalised.
   A GPU never waits on CPU workers, and a CPU run pays no DataLoader overhead.
-- `FolderData` (imagefolder): DataLoader workers decode and augment (random-resized crop + flip for
-  training, resize + centre crop for evaluation) and hand over uint8; normalisation happens on device.
+- `FolderData` (imagefolder, folder_data.py): DataLoader workers that live as long as the trial decode
+  and augment (random-resized crop + flip for training, resize + centre crop for evaluation) and hand
+  over uint8, or read JPEG bytes that the training device decodes (`data.decode: gpu`); normalisation
+  happens on device.
 
 Everything random about an epoch (order and augmentation) is drawn from generators seeded by
 (seed, epoch[, rank]), never from a generator carried across epochs: an epoch looks the same whether
@@ -23,6 +25,7 @@ import math
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ import torch.nn.functional as F
 
 from ablations.errors import SpecError
 from ablations.spec import BackboneSpec, DataSpec, RunConfig
+
+if TYPE_CHECKING:
+    from ablations.folder_data import FolderData
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -147,6 +153,9 @@ class InMemoryData:
 
     def val_labels(self) -> torch.Tensor:
         return self.val_y.cpu()
+
+    def close(self) -> None:
+        """Nothing to release (FolderData ends its workers here)."""
 
 
 def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -290,104 +299,7 @@ def load_cifar(name: str, root: Path, download: bool) -> tuple[tuple[torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------------
-# ImageNet-style folders
-
-
-class FolderData:
-    """`root/train/<class>/*` and `root/val/<class>/*` through DataLoader workers (uint8 out)."""
-
-    def __init__(self, root: Path, spec: DataSpec, *, device: str | torch.device = "cpu",
-                 memory_format: torch.memory_format = torch.contiguous_format,
-                 rank: int = 0, world_size: int = 1):
-        from torchvision import datasets
-        from torchvision import transforms as T
-
-        self.device = torch.device(device)
-        self.spec, self.memory_format = spec, memory_format
-        self.rank, self.world_size = rank, world_size
-        size = spec.input_size
-        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
-        eval_tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
-
-        def folder(split: str, tf: T.Compose) -> datasets.ImageFolder:
-            path = root / split
-            if not path.is_dir():
-                raise SpecError(f"{root} has no {split}/ folder (ImageNet layout: train/<class>/*.png, "
-                                f"val/<class>/*.png)", key="data.root")
-            try:
-                return datasets.ImageFolder(str(path), transform=tf, loader=_rgb_loader)
-            except (FileNotFoundError, OSError) as e:
-                raise SpecError(f"malformed image folder {path}: {e}", key="data.root") from None
-
-        self.train_set, self.val_set = folder("train", train_tf), folder("val", eval_tf)
-        if self.train_set.classes != self.val_set.classes:
-            raise SpecError(f"{root}/train and {root}/val have different class folders", key="data.root")
-        self.num_classes = len(self.train_set.classes)
-        if spec.batch_size % world_size:
-            raise SpecError(f"{spec.batch_size} is not divisible by {world_size} processes",
-                            key="data.batch_size")
-        self.local_batch = spec.batch_size // world_size
-        self.eval_batch = max(1, spec.eval_batch_size // world_size)
-        self.steps_per_epoch = len(self.train_set) // spec.batch_size
-        if self.steps_per_epoch == 0:
-            raise SpecError(f"{spec.batch_size} is larger than the training set ({len(self.train_set)} "
-                            "images)", key="data.batch_size")
-        self.images_per_epoch = self.steps_per_epoch * self.local_batch
-        c = 3
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, c, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, c, 1, 1)
-        self.scale, self.shift = 1.0 / std, -mean / std
-
-    def _loader(self, dataset, indices: list[int], batch: int, gen: torch.Generator | None,
-                drop_last: bool):
-        from torch.utils.data import DataLoader
-
-        return DataLoader(dataset, batch_size=batch, sampler=indices, num_workers=self.spec.workers,
-                          pin_memory=self.device.type == "cuda", drop_last=drop_last, generator=gen,
-                          persistent_workers=False)
-
-    def _to_device(self, batch: Batch) -> Batch:
-        x, y = batch
-        x = x.to(self.device, non_blocking=True).float().mul_(self.scale).add_(self.shift)
-        return x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
-
-    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
-        order = torch.Generator().manual_seed(seed_for(seed, epoch))
-        perm = torch.randperm(len(self.train_set), generator=order)
-        perm = perm[: self.steps_per_epoch * self.spec.batch_size][self.rank::self.world_size]
-        # Workers seed their (global) RNG, which torchvision's transforms draw from, from this
-        # generator; without workers the transforms run here, so the global RNG is seeded instead.
-        aug_seed = seed_for(seed, epoch, 1 + self.rank)
-        aug = torch.Generator().manual_seed(aug_seed)
-        if self.spec.workers == 0:
-            torch.manual_seed(aug_seed)
-        for batch in self._loader(self.train_set, perm.tolist(), self.local_batch, aug, True):
-            yield self._to_device(batch)
-
-    def val_indices(self) -> torch.Tensor:
-        return torch.arange(len(self.val_set))[self.rank::self.world_size]
-
-    def val_batches(self, indices: torch.Tensor | None = None) -> Iterator[Batch]:
-        idx = self.val_indices() if indices is None else torch.as_tensor(indices)
-        for batch in self._loader(self.val_set, idx.tolist(), self.eval_batch, None, False):
-            yield self._to_device(batch)
-
-    def val_labels(self) -> torch.Tensor:
-        return torch.tensor(self.val_set.targets, dtype=torch.long)
-
-
-def _rgb_loader(path: str):
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------------
 # Entry point
-
-
-Data = InMemoryData | FolderData
 
 
 def input_stride(backbone: BackboneSpec) -> int:
@@ -430,9 +342,18 @@ def _check_rgb(dataset: str, cfg: RunConfig) -> None:
                         key="backbone.in_chans")
 
 
+def check_decode_device(spec: DataSpec, device: str | torch.device) -> None:
+    """`decode: gpu` needs a CUDA training device (every device of a DDP group such as `cuda:0,cuda:1`)."""
+    if spec.dataset != "imagefolder" or spec.decode != "gpu":
+        return
+    if not all(torch.device(d.strip()).type == "cuda" for d in str(device).split(",") if d.strip()):
+        raise SpecError(f"gpu decodes JPEGs with nvJPEG on the CUDA training device; this run trains on "
+                        f"{device} (use data.decode=cpu)", key="data.decode")
+
+
 def load_data(cfg: RunConfig, *, device: str | torch.device = "cpu", root: str | Path | None = None,
               memory_format: torch.memory_format = torch.contiguous_format,
-              rank: int = 0, world_size: int = 1) -> Data:
+              rank: int = 0, world_size: int = 1) -> InMemoryData | FolderData:
     """The trial's data set on `device`. `root` (--data-root) overrides `data.root`."""
     spec = cfg.data
     check_input_size(cfg)
@@ -453,9 +374,12 @@ def load_data(cfg: RunConfig, *, device: str | torch.device = "cpu", root: str |
         if not path.is_dir():
             raise SpecError(f"no such directory: {path}", key="data.root")
         _check_rgb(spec.dataset, cfg)
+        check_decode_device(spec, device)
         if spec.dataset == "imagefolder":
-            data = FolderData(path, spec, device=device, memory_format=memory_format, rank=rank,
-                              world_size=world_size)
+            from ablations.folder_data import open_folder
+
+            data = open_folder(path, spec, device=torch.device(device), memory_format=memory_format, rank=rank,
+                               world_size=world_size)
             _check_classes(f"{path} (imagefolder)", data.num_classes, cfg)
             return data
         (tx, ty, vx, vy), classes = load_cifar(spec.dataset, path, spec.download)

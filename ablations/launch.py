@@ -11,22 +11,30 @@ as SystemExit in the worker, which hands its trial back to the queue (worker.run
 worker claims it next, here or on another node, resumes it from the last checkpoint in its run dir.
 `--executor local` runs the same jobs as local processes (submitit's LocalExecutor, which requeues the
 same way): for a single box, and for the tests.
+
+The storage URL may hold a database password, and submitit pickles each job's function into its folder
+(0644). So the URL is not part of the job: it travels in the environment (STORAGE_ENV), which sbatch
+passes on (`--export=ALL`) and the local executor inherits, and is read back when the job starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ablations import paths
 from ablations.errors import SpecError
 from ablations.spec import ROOT
+from ablations.storage_url import shown
 
 SIGNAL_DELAY_S = 120  # SLURM's warning before a preemption/time-limit kill: an epoch boundary is not needed
 DEFAULT_TIME_MIN = 24 * 60
+STORAGE_ENV = "ABLATE_STORAGE_URL"  # the jobs' storage URL: in their environment, never in a file
 
 
 try:
@@ -40,7 +48,6 @@ class SlurmWorker(Checkpointable):
     """One array task: a worker on `studies` until nothing is queued or running. Picklable by design:
     submitit ships it to the node and, on preemption, pickles it again as its own requeued job."""
 
-    url: str
     studies: list[str]
     results_dir: str
     device: str | None
@@ -53,6 +60,10 @@ class SlurmWorker(Checkpointable):
         from ablations import studies, worker
 
         started = time.monotonic()
+        url = os.environ.get(STORAGE_ENV)
+        if not url:
+            raise SpecError("not set: this job did not inherit the environment of `ablate launch` "
+                            "(sbatch --export=ALL passes it on)", source="environment", key=STORAGE_ENV)
 
         def emit(ev: dict[str, Any]) -> None:  # one line per finished trial in the job's log
             if ev["kind"] == "end":
@@ -62,11 +73,11 @@ class SlurmWorker(Checkpointable):
             elif ev["kind"] == "log":
                 print(ev["text"].rstrip(), file=sys.stderr, flush=True)
 
-        print(f"[worker {self.index}] on {self.device or 'the default device'}: {', '.join(self.studies)}",
-              flush=True)
-        worker.work(self.url, self.studies, results_dir=self.results_dir, device=self.device,
+        print(f"[worker {self.index}] on {self.device or 'the default device'}: {', '.join(self.studies)} "
+              f"in {shown(url)}", flush=True)
+        worker.work(url, self.studies, results_dir=self.results_dir, device=self.device,
                     data_root=self.data_root, emit=emit)
-        storage = studies.open_storage(self.url)
+        storage = studies.open_storage(url)
         counts: dict[str, int] = {}
         for name in self.studies:
             study = optuna.load_study(study_name=name, storage=storage)
@@ -107,7 +118,9 @@ def make_executor(kind: str, folder: Path, *, array: int, name: str, time_min: i
         "name": name, "timeout_min": time_min, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": gpus_per_node,
         "slurm_array_parallelism": array, "slurm_signal_delay_s": SIGNAL_DELAY_S,
         # Preemption requeues through `scontrol requeue`, which SLURM allows only for requeueable jobs.
-        "slurm_additional_parameters": {"requeue": True}, "slurm_setup": setup, "local_setup": setup,
+        # The jobs read the storage URL from the environment they inherit (STORAGE_ENV).
+        "slurm_additional_parameters": {"requeue": True, "export": "ALL"}, "slurm_setup": setup,
+        "local_setup": setup,
     }
     if cpus_per_task:
         params["cpus_per_task"] = cpus_per_task
@@ -119,8 +132,10 @@ def make_executor(kind: str, folder: Path, *, array: int, name: str, time_min: i
     return executor
 
 
-def submit(executor: Any, workers: list[SlurmWorker]) -> list[Any]:
-    """Submit the workers together: on SLURM one job array."""
+def submit(executor: Any, workers: list[SlurmWorker], url: str) -> list[Any]:
+    """Submit the workers together (on SLURM one job array), with the storage URL in the environment
+    they inherit."""
+    os.environ[STORAGE_ENV] = url
     with executor.batch():
         jobs = [executor.submit(w) for w in workers]
     return jobs
@@ -146,28 +161,23 @@ def _check(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     """Open the storage, create/load the studies, recover and queue their grids (as `ablate run` does).
     Returns (storage URL, study names)."""
-    import optuna
-
     from ablations import studies
-    from ablations.scheduler import plans_from_args
+    from ablations.scheduler import check_decode_devices, load_named_study, plans_from_args
 
     results_dir = Path(args.results_dir).resolve()  # jobs may start elsewhere
     url = studies.storage_url(results_dir, args.storage)
     if studies.sqlite_path(url) is not None and args.executor == "slurm":
         raise SpecError("SQLite cannot be shared by workers on several nodes (its locks do not hold on "
-                        "network file systems); use postgresql://user@host/db", source="--storage", key=url)
+                        "network file systems); use postgresql://user@host/db", source="--storage",
+                        key=shown(url))
     plans = plans_from_args(args) if args.sweeps else []
+    check_decode_devices(plans, [task_device(args.gpus_per_node)])
     storage = studies.open_storage(url)
     loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
     for name in args.study:
         if any(s.study_name == name for s, _ in loaded):
             continue
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            have = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
-            raise SpecError(f"no such study in {studies.safe_url(url)} (have: {have})", source="--study",
-                            key=name) from None
+        study = load_named_study(storage, name)
         loaded.append((study, studies.plan_from_attrs(name, study.user_attrs, args.data_root)))
     with studies.grid_lock(storage):
         for study, plan in loaded:
@@ -179,16 +189,16 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
 def cli_launch(args: argparse.Namespace) -> int:
     _check(args)
     results_dir = Path(args.results_dir).resolve()
-    folder = Path(args.logs).resolve() if args.logs else results_dir / "launch"
+    folder = Path(args.logs).resolve() if args.logs else paths.launch_dir(results_dir)
     # Before touching the storage: no SLURM here is the first thing to know.
     executor = make_executor(args.executor, folder, array=args.array, name="ablate", time_min=args.time,
                              gpus_per_node=args.gpus_per_node, partition=args.partition,
                              cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
     url, names = prepare(args)
     executor.update_parameters(name=f"ablate-{names[0]}" if len(names) == 1 else f"ablate-{len(names)}-studies")
-    workers = [SlurmWorker(url, names, str(results_dir), task_device(args.gpus_per_node), args.data_root, i)
+    workers = [SlurmWorker(names, str(results_dir), task_device(args.gpus_per_node), args.data_root, i)
                for i in range(args.array)]
-    jobs = submit(executor, workers)
+    jobs = submit(executor, workers, url)
     print(f"submitted {len(jobs)} worker(s) for {', '.join(names)} ({args.executor}): "
           f"{', '.join(j.job_id for j in jobs)}; logs in {folder}")
     if not args.wait:

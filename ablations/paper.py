@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 from functools import cache
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ablations.spec import Sweep
+from ablations.bundled import published_csv
 
-CSV = Path(__file__).with_name("senet_published.csv")
+if TYPE_CHECKING:
+    from ablations.spec import Sweep
+
+CSV = published_csv()
 FIELDS = ("top1_err", "top5_err", "gflops", "params_m")
 
 
@@ -26,6 +29,11 @@ def published() -> dict[tuple[int, str], dict[str, float | None]]:
             values = {k: (float(row[k]) if row[k] else None) for k in FIELDS}
             out[(int(row["table"]), row["setting"])] = values
     return out
+
+
+def tables() -> frozenset[int]:
+    """The paper's table numbers with published rows (a sweep's `table:` must be one of them)."""
+    return frozenset(table for table, _ in published())
 
 
 def published_row(table: int | None, setting: str) -> dict[str, float | None]:

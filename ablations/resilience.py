@@ -109,16 +109,6 @@ def with_retries(action: Callable[[], T], what: str, *, attempts: int | None = N
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def safe_url(url: str) -> str:
-    """The URL as it may be printed: the password masked."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 -- an unparseable URL holds no password we could find
-        return url
-
-
 # ---------------------------------------------------------------------------------------------------
 # Results directory
 
@@ -208,10 +198,11 @@ def storage_call(action: Callable[[], T], url: str) -> T:
     """`action()` on a storage a worker already uses, retried with backoff while it is unreachable (a
     database restart, a network blip); still unreachable after that: a one-line SpecError, and the
     worker stops (its trial is retried elsewhere after the grace period)."""
-    shown = safe_url(url)
+    from ablations.storage_url import shown, storage_error
+
     try:
-        return with_retries(action, f"storage {shown}")
+        return with_retries(action, f"storage {shown(url)}")
     except Exception as e:
         if not transient(e):
             raise
-        raise SpecError(f"lost the storage: {first_line(e)}", source="--storage", key=shown) from None
+        raise storage_error("lost the storage", url, e) from None

@@ -27,6 +27,7 @@ import optuna
 
 from ablations import resilience, scheduler, studies, worker
 from ablations.errors import SpecError
+from ablations.spec import MAX_SEEDS
 from ablations.studies import Plan
 from analysis.precision import Decision, decide
 
@@ -52,6 +53,9 @@ def options(args: argparse.Namespace, plans: list[Plan]) -> tuple[float, int] | 
     elif not (isinstance(max_seeds, int) or str(max_seeds).isdigit()):
         raise SpecError(f"must be a positive integer (got {max_seeds!r})", source="--max-seeds")
     max_seeds = int(max_seeds)
+    if max_seeds > MAX_SEEDS:
+        raise SpecError(f"must be at most {MAX_SEEDS}, the seeds any setting can run (got {max_seeds})",
+                        source="--max-seeds")
     for plan in plans:
         if max_seeds < plan.seeds:
             where = "--seeds" if getattr(args, "seeds", None) is not None else f"{plan.sweep.name}'s seeds"

@@ -27,9 +27,10 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from ablations import resilience, studies, worker
+from ablations import resilience, storage_url, studies, worker
 from ablations.errors import SpecError
-from ablations.spec import load_profile, load_sweep, run_config
+from ablations.paths import check_results_dir
+from ablations.spec import MAX_SEEDS, load_profile, load_sweep, run_config
 from ablations.studies import Plan, grid_lock
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,6 +47,13 @@ def resolve_devices(spec: str | None) -> list[str]:
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices:
         raise SpecError("needs at least one device", source="--devices")
+    if "cuda" in devices:  # "every GPU here", with or without --nproc-per-node
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SpecError("unknown device (available here: cpu)", source="--devices", key="cuda")
+        devices = [x for d in devices for x in ([f"cuda:{i}" for i in range(n)] if d == "cuda" else [d])]
     for d in devices:
         if d == "cpu":
             continue
@@ -66,17 +74,24 @@ def resolve_devices(spec: str | None) -> list[str]:
 
 
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:
-    """Every sweep x the profile, validated down to building each setting's model (on the meta device)."""
+    """Every sweep x the profile, validated down to building each setting's model (on the meta device)
+    and to what its data needs (classes, split, data root): nothing after this fails on bad input."""
+    from ablations.datacheck import check_plan_data
     from ablations.patch import check_fits
 
-    if args.seeds is not None and args.seeds <= 0:
-        raise SpecError(f"must be a positive integer (got {args.seeds})", source="--seeds")
+    if args.seeds is not None and not 0 < args.seeds <= MAX_SEEDS:
+        raise SpecError(f"must be a positive integer up to {MAX_SEEDS} (got {args.seeds})", source="--seeds")
     profile = load_profile(args.profile, args.set)
+    profile_source = f"{profile.path} (with --set)" if args.set else str(profile.path)
     plans: list[Plan] = []
     for name in args.sweeps:
         sweep = load_sweep(name)
-        if any(p.sweep.name == sweep.name for p in plans):
-            continue
+        same = next((p.sweep for p in plans if p.sweep.name == sweep.name), None)
+        if same is not None:
+            if Path(same.path or "").resolve() == Path(sweep.path or "").resolve():
+                continue  # the same file named twice
+            raise SpecError(f"sweep name {sweep.name!r} is also the name of {same.path}: one study per name "
+                            "(set `name:` in one of them)", source=sweep.path, key="name")
         for i, setting in enumerate(sweep.settings):
             try:
                 cfg = run_config(profile, setting, 0, sweep.name)
@@ -84,8 +99,18 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
             except SpecError as e:
                 raise SpecError(e.message, source=sweep.path, key=".".join(
                     p for p in (f"settings[{i}]", e.key) if p)) from None
+        check_plan_data(sweep, profile, args.data_root, profile_source, getattr(args, "nproc_per_node", 1))
         plans.append(Plan(sweep, profile, args.seeds or sweep.seeds, tuple(args.set), args.data_root))
     return plans
+
+
+def check_decode_devices(plans: list[Plan], devices: list[str]) -> None:
+    """`data.decode: gpu` on a CPU device, refused before any study or trial changes."""
+    from ablations.data import check_decode_device
+
+    for plan in plans:
+        for device in devices:
+            check_decode_device(plan.profile.data, device)
 
 
 def _check_scale_options(args: argparse.Namespace, workers: int | None = None) -> None:
@@ -351,6 +376,7 @@ def cli_run(args: argparse.Namespace) -> int:
     devices = device_groups(resolve_devices(args.devices), args.nproc_per_node)
     url = studies.storage_url(args.results_dir, args.storage)
     plans = plans_from_args(args)
+    check_decode_devices(plans, devices)
     from ablations import rounds
 
     by_precision = rounds.options(args, plans)  # (precision, max seeds), or None for fixed seeds
@@ -360,29 +386,19 @@ def cli_run(args: argparse.Namespace) -> int:
     return run(plans, url, Path(args.results_dir), devices, args.workers)
 
 
-def _existing_storage(args: argparse.Namespace) -> str | None:
-    """The URL, or None when it is a SQLite file that does not exist (reading must not create it)."""
-    url = studies.storage_url(args.results_dir, args.storage)
-    path = studies.sqlite_path(url)
-    return None if path is not None and not path.is_file() else url
-
-
 def cli_worker(args: argparse.Namespace) -> int:
     _check_scale_options(args)
     from ablations.ddp import worker_device
 
     device = worker_device(args.device, args.nproc_per_node, resolve_devices)
-    url = _existing_storage(args)
+    url = storage_url.existing(args.results_dir, args.storage)
     if url is None:
         raise SpecError("no such database (start the sweep with `ablate run` first)", source="--storage",
-                        key=studies.storage_url(args.results_dir, args.storage))
+                        key=storage_url.shown(storage_url.resolve(args.results_dir, args.storage)))
     storage = studies.open_storage(url)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        have = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
-        raise SpecError(f"no such study in {url} (have: {have})", source="--study", key=args.study) from None
+    study = load_named_study(storage, args.study)
     plan = studies.plan_from_attrs(args.study, study.user_attrs, args.data_root)
+    check_decode_devices([plan], [device or resolve_devices(None)[0]])  # None: the trainer's default
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     progress = Progress(storage, [(study, plan)], Path(args.results_dir), url)
     worker.work(url, [args.study], results_dir=Path(args.results_dir), device=device, data_root=args.data_root,
@@ -412,10 +428,9 @@ def study_status(study: optuna.Study, now: datetime | None = None) -> dict[str, 
     now = now or datetime.now()
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
-    if "settings" in attrs and "seeds" in attrs:
-        grid = [(label, seed) for seed in range(int(attrs["seeds"])) for label in attrs["settings"]]
-        counts = Counter(studies.point_states(trials, grid).values())
-    else:
+    try:
+        counts = Counter(studies.point_counts(trials, [str(x) for x in attrs["settings"]], int(attrs["seeds"])))
+    except (KeyError, TypeError, ValueError):  # not a grid study (or not a whole one): count its trials
         counts = Counter(t.state.name for t in trials)
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                  if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
@@ -441,20 +456,32 @@ def study_status(study: optuna.Study, now: datetime | None = None) -> dict[str, 
     }
 
 
+def load_named_study(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study:
+    """The study called `name`, or one line naming the studies the storage does have."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        have = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
+        raise SpecError(f"no such study in {storage_url.shown(storage.url)} (have: {have})", source="--study",
+                        key=name) from None
+
+
 def cli_status(args: argparse.Namespace) -> int:
-    url = _existing_storage(args)
-    if url is None:
-        print(f"no studies yet ({studies.storage_url(args.results_dir, args.storage)} does not exist)")
-        return 0
+    if args.storage is None:
+        check_results_dir(args.results_dir)
+    url = storage_url.existing(args.results_dir, args.storage)
+    if url is None:  # a SQLite --storage that does not exist: reading must not create it
+        raise SpecError("no such database", source="--storage", key=storage_url.shown(args.storage))
     storage = studies.open_storage(url)
-    rows = [study_status(optuna.load_study(study_name=s.study_name, storage=storage))
-            for s in storage.get_all_studies()]
+    with storage_url.reading(url):
+        rows = [study_status(optuna.load_study(study_name=s.study_name, storage=storage))
+                for s in storage.get_all_studies()]
     if not rows:
-        print(f"no studies in {url}")
+        print(f"no studies in {storage_url.shown(url)}")
         return 0
     cols = list(rows[0])
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print(f"storage: {url}")
+    print(f"storage: {storage_url.shown(url)}")
     print("  ".join(c.ljust(width[c]) if c == "study" else c.rjust(width[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(width[c]) if c == "study" else str(r[c]).rjust(width[c]) for c in cols))

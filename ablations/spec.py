@@ -22,14 +22,18 @@ from pydantic import (
     model_validator,
 )
 
+from ablations import bundled, paths, yamlio
 from ablations.errors import SpecError
+from ablations.yamlio import bool_for_number
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEPS_DIR = ROOT / "sweeps"
-PROFILES_DIR = SWEEPS_DIR / "profiles"
+SWEEPS_DIR = bundled.sweeps_dir()
+PROFILES_DIR = bundled.profiles_dir()
 
 STAGES = (2, 3, 4, 5)  # the paper's conv2_x..conv5_x = timm layer1..layer4
 POSITIONS = ("standard", "pre", "post", "identity", "3x3")
+MAX_SEEDS = 1000  # seeds per setting, from any source (sweep file, --seeds, a study's attrs): the grid
+#                   and every status of it are held in memory
 ATTENTION_NAMES = ("se", "eca", "cbam", "gc", "ge", "timm")  # ablations/attention.py builds them
 PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:Class, a researcher's module
 SE_ONLY = ("reduction", "squeeze", "gate", "bias")  # keys only the paper's SE has
@@ -40,7 +44,16 @@ def se_only_message(attention: str) -> str:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf/nan: `train.lr=.inf` is not a recipe.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and bool_for_number(field.annotation, v):
+            raise ValueError("must be a number, not true/false")
+        return v
 
 
 class SESpec(Frozen):
@@ -160,10 +173,18 @@ class Setting(Frozen):
     published: Published | None = None  # this row's published numbers and their source (sweeps of no
     #                                     paper table); None: the paper's table, if the sweep names one
 
+    @field_validator("label")
+    @classmethod
+    def _label_fits(cls, v: str) -> str:
+        problem = paths.label_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @property
     def slug(self) -> str:
-        """File-system-safe form of the label, used for the run directory."""
-        return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", self.label)
+        """The run directory's name for this label (paths.label_dir)."""
+        return paths.label_dir(self.label)
 
 
 class Sweep(Frozen):
@@ -171,11 +192,24 @@ class Sweep(Frozen):
 
     name: str  # study name prefix; defaults to the file's stem
     description: str = ""  # one paragraph shown in tables and the dashboard
-    table: int | None = None  # the paper's table number this sweep reproduces
+    table: int | None = None  # the paper's table number this sweep reproduces (None: a sweep of your own)
     reference: str | None = None  # label of the row deltas are measured against
-    seeds: int = Field(3, gt=0)  # default seeds per setting
+    seeds: int = Field(3, gt=0, le=MAX_SEEDS)  # default seeds per setting
     settings: tuple[Setting, ...] = Field(min_length=1)  # rows, in the paper's order
     path: str | None = None  # where it was loaded from (not a YAML key)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        problem = paths.name_problem(v, "sweep")
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("table")
+    @classmethod
+    def _known_table(cls, v: int | None) -> int | None:
+        return _check_tables((v,))[0] if v is not None else None
 
     @model_validator(mode="after")
     def _labels(self) -> Sweep:
@@ -183,12 +217,26 @@ class Sweep(Frozen):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"duplicate labels {dupes}")
-        slugs = [s.slug for s in self.settings]
-        if len(set(slugs)) != len(slugs):
-            raise ValueError("two labels map to the same directory name")
+        by_dir: dict[str, list[str]] = {}
+        for s in self.settings:  # case-insensitive: macOS and Windows file systems are
+            by_dir.setdefault(s.slug.casefold(), []).append(s.label)
+        clash = next((group for group in by_dir.values() if len(group) > 1), None)
+        if clash:
+            raise ValueError(f"labels {clash} map to the same directory name {paths.label_dir(clash[0])!r}")
         if self.reference is not None and self.reference not in labels:
             raise ValueError(f"reference {self.reference!r} is not one of the labels {labels}")
         return self
+
+
+def _check_tables(tables: tuple[int, ...]) -> tuple[int, ...]:
+    from ablations.paper import tables as known_tables
+
+    known = known_tables()
+    for t in tables:
+        if t not in known:
+            raise ValueError(f"the paper has no published Table {t} (known: {', '.join(map(str, sorted(known)))}; "
+                             "leave `table` out for a sweep of your own)")
+    return tables
 
 
 class DataSpec(Frozen):
@@ -201,6 +249,7 @@ class DataSpec(Frozen):
     batch_size: int = Field(128, gt=0)  # global training batch
     eval_batch_size: int = Field(512, gt=0)  # evaluation batch
     workers: int = Field(4, ge=0)  # DataLoader workers (imagefolder only; in-memory sets need none)
+    decode: Literal["cpu", "gpu"] = "cpu"  # imagefolder JPEGs: cpu (PIL in workers) | gpu (nvJPEG, CUDA only)
     synthetic_size: int = Field(2048, gt=0)  # synthetic: training images (val is a quarter)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: held-out stratified fraction
     crop_padding: int | None = Field(None, ge=0)  # in-memory sets: pad-and-crop pixels (None: input_size//8)
@@ -261,9 +310,15 @@ class Profile(Frozen):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_]+", v):  # study names are <sweep>-<profile>, split at the last -
-            raise ValueError("a profile name is letters, digits and underscores only")
+        problem = paths.name_problem(v, "profile")
+        if problem:
+            raise ValueError(problem)
         return v
+
+    @field_validator("comparable_tables")
+    @classmethod
+    def _known_tables(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _check_tables(v)
 
 
 class RunConfig(Frozen):
@@ -309,32 +364,27 @@ def from_validation_error(err: ValidationError, source: str, prefix: str = "") -
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
+        got = repr(first["input"])
+        if f"got {got}" not in msg:  # validators of ours quote the value themselves
+            msg = f"{msg} (got {got if len(got) <= 120 else got[:117] + '...'})"
     return SpecError(msg, source=source, key=key or None)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SpecError("no such file", source=str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        problem = getattr(e, "problem", None) or "malformed YAML"
-        raise SpecError(f"malformed YAML: {problem}", source=str(path), key=where) from None
-    if not isinstance(data, dict):
-        raise SpecError("must be a YAML mapping at the top level", source=str(path))
-    return data
+    return yamlio.read_mapping(path)
 
 
 def _resolve(name_or_path: str | Path, directory: Path, kind: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
     candidate = directory / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
+    try:
+        if p.suffix in (".yaml", ".yml") or p.exists():
+            return p
+        if candidate.is_file():
+            return candidate
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise SpecError(f"unusable {kind} name or path: {getattr(e, 'strerror', None) or e}",
+                        source=str(name_or_path)[:200]) from None
     known = sorted(x.stem for x in directory.glob("*.yaml"))
     raise SpecError(f"unknown {kind} (known: {', '.join(known)})", source=str(name_or_path))
 
@@ -345,17 +395,18 @@ def _setting_from_yaml(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SpecError("each setting must be a mapping with a label")
     raw = dict(raw)
-    out: dict[str, Any] = {"label": raw.pop("label", None)}
-    if out["label"] is None:
+    if "label" not in raw:
         raise SpecError("missing", key="label")
-    out["label"] = str(out["label"])
+    out: dict[str, Any] = {"label": raw.pop("label")}
+    if not isinstance(out["label"], str):  # a flow list or mapping; scalars are kept as written
+        raise SpecError(f"must be text (got {type(out['label']).__name__}); quote it", key="label")
     for key in ("backbone", "published"):
         if key in raw:
             out[key] = raw.pop(key)
     enabled = raw.pop("se", True)
     if enabled is False:
         if raw:
-            raise SpecError("SE keys given but `se: false`", key=sorted(raw)[0])
+            raise SpecError("SE keys given but `se: false`", key=str(sorted(raw, key=str)[0]))
         out["se"] = None
     elif enabled is True:
         attention = raw.get("attention", "se")
@@ -405,12 +456,12 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise SpecError("expected key=value", source="--set", key=item)
     key, value = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpecError(f"malformed value {value!r}", source="--set", key=key) from None
+        return key.strip(), yamlio.parse(value)
+    except SpecError:
+        raise SpecError(f"malformed value {value!r}", source="--set", key=key.strip()) from None
 
 
-def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def _apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     sections = {"backbone": BackboneSpec, "data": DataSpec, "train": TrainSpec}
     for item in overrides:
@@ -418,7 +469,9 @@ def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, An
         section, _, field = key.partition(".")
         if section not in sections or field not in sections[section].model_fields:
             raise SpecError("unknown key", source="--set", key=key)
-        data.setdefault(section, {})[field] = value
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise SpecError("must be a mapping to take --set keys", source=source, key=section)
+        data[section][field] = value
     return data
 
 
@@ -427,7 +480,7 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...
     path = _resolve(name_or_path, PROFILES_DIR, "profile")
     data = _read_yaml(path)
     data.setdefault("name", path.stem)
-    data = _apply_overrides(data, list(overrides))
+    data = _apply_overrides(data, list(overrides), str(path))
     source = str(path) if not overrides else f"{path} (with --set)"
     try:
         return Profile.model_validate({**data, "path": str(path)})

@@ -28,16 +28,19 @@ import optuna
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
+from ablations import paths
 from ablations.errors import SpecError
-from ablations.resilience import first_line, grace_s, heartbeat_s, safe_url, with_retries
-from ablations.spec import Profile, RunConfig, Setting, Sweep, run_config
+from ablations.resilience import grace_s, heartbeat_s, with_retries
+from ablations.spec import MAX_SEEDS, Profile, RunConfig, Setting, Sweep, from_validation_error, run_config
+from ablations.storage_url import resolve as storage_url  # noqa: F401 -- the runner's name for it
+from ablations.storage_url import shown, sqlite_path, storage_error
 
 # Environment knobs (resilience.py), so a fault-injection test can shrink the grace period to seconds.
 HEARTBEAT_S = heartbeat_s()  # a worker records a heartbeat this often while it trains
 GRACE_S = grace_s()  # silence after which any process may fail + requeue the trial (its worker is gone)
 MAX_RETRY = 3  # automatic requeues per grid point; running `ablate run` again re-enqueues beyond that
-BACKENDS = ("sqlite", "postgresql")
 # Params and attrs that identify a grid point; a requeued trial keeps these and drops the worker's own.
 IDENTITY_ATTRS = ("sweep", "profile", "run_dir")
 # pg_advisory_xact_lock takes a bigint; derive a fixed one so every process agrees on it.
@@ -46,42 +49,6 @@ PG_LOCK_KEY = int.from_bytes(hashlib.sha1(b"ablations.grid_lock").digest()[:8], 
 
 # ---------------------------------------------------------------------------------------------------
 # Storage
-
-
-def storage_url(results_dir: str | Path, storage: str | None) -> str:
-    """The storage URL to use, validated (not opened): default sqlite:///<results-dir>/optuna.db."""
-    if storage is None:
-        return f"sqlite:///{Path(results_dir) / 'optuna.db'}"
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(storage)
-    except ArgumentError:
-        raise SpecError("not a storage URL (sqlite:///path.db or postgresql://user@host/db)",
-                        source="--storage", key=storage) from None
-    backend = url.get_backend_name()
-    if backend not in BACKENDS:
-        raise SpecError(f"unsupported backend {backend!r} (use {' or '.join(BACKENDS)})",
-                        source="--storage", key=storage)
-    if backend == "sqlite" and url.database in (None, "", ":memory:"):
-        raise SpecError("an in-memory SQLite database cannot be shared by workers; give a file path",
-                        source="--storage", key=storage)
-    if backend == "postgresql" and url.drivername == "postgresql":
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the `scale` extra installs psycopg2.
-        import importlib.util
-
-        for driver in ("psycopg", "psycopg2"):
-            if importlib.util.find_spec(driver) is not None:
-                return url.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
-    return storage
-
-
-def sqlite_path(url: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    return Path(u.database) if u.get_backend_name() == "sqlite" else None
 
 
 def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
@@ -108,7 +75,7 @@ def open_storage(url: str, checked: bool = False) -> optuna.storages.RDBStorage:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SpecError(f"cannot create {path.parent}: {e.strerror}", source="--storage", key=url) from None
+            raise storage_error(f"cannot create {path.parent}: {e.strerror}", url) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "Trial 3 finished" lines over the bars
     warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeats: "experimental" since 2.9
     kwargs: dict[str, Any] = {"creator": _sqlite_connector(path)} if path is not None else {"pool_pre_ping": True}
@@ -122,16 +89,15 @@ def open_storage(url: str, checked: bool = False) -> optuna.storages.RDBStorage:
                 skip_compatibility_check=checked,
             )
 
-    shown = safe_url(url)
     started = time.monotonic()
     try:  # a database restarting or a network blip must not end a worker that could wait it out
-        storage = with_retries(connect, f"storage {shown}")
+        storage = with_retries(connect, f"storage {shown(url)}")
     except ImportError as e:
-        raise SpecError(f"no database driver: {e}", source="--storage", key=shown) from None
+        raise storage_error("no database driver", url, e) from None
     except Exception as e:  # noqa: BLE001 -- any connection failure is a bad --storage to the user
         waited = time.monotonic() - started
         after = f" (gave up after {waited:.0f} s of retries)" if waited >= 1 else ""
-        raise SpecError(f"cannot open storage: {first_line(e)}{after}", source="--storage", key=shown) from None
+        raise storage_error("cannot open storage", url, e, after) from None
     # Closing SQLite's last connection folds its write-ahead log back into the .db file: when the
     # storage is collected, or at exit (also when the CLI skips the interpreter's teardown, cli.exit_fast),
     # so a results dir copied after `ablate run` holds every result in optuna.db alone.
@@ -206,7 +172,7 @@ class Plan:
         return run_config(self.profile, self.setting(label), seed, self.sweep.name)
 
     def run_dir(self, results_dir: str | Path, label: str, seed: int) -> Path:
-        return Path(results_dir) / self.profile.name / self.sweep.name / self.setting(label).slug / f"seed{seed}"
+        return paths.run_dir(results_dir, self.profile.name, self.sweep.name, self.setting(label).label, seed)
 
     def distributions(self) -> dict[str, Any]:
         return {"setting": CategoricalDistribution(self.labels), "seed": IntDistribution(0, self.seeds - 1)}
@@ -232,16 +198,34 @@ class Plan:
 
 def plan_from_attrs(name: str, attrs: dict[str, Any], data_root: str | None = None) -> Plan:
     """Rebuild a study's Plan from its user attrs (`data_root` overrides the stored one)."""
-    if "sweep_spec" not in attrs or "profile_spec" not in attrs:
-        raise SpecError("this study was not created by `ablate run` (no sweep spec in its attrs)",
+    missing = [k for k in CREATION_ATTRS if k not in attrs]
+    if missing:
+        raise SpecError(f"this study lacks {', '.join(missing)}: not created by `ablate run`, or its creation "
+                        "was interrupted (run its sweep with `ablate run` again to complete it)",
                         source="--study", key=name)
-    return Plan(
-        sweep=Sweep.model_validate(attrs["sweep_spec"]),
-        profile=Profile.model_validate(attrs["profile_spec"]),
-        seeds=int(attrs["seeds"]),
-        overrides=tuple(attrs.get("overrides") or ()),
-        data_root=data_root or attrs.get("data_root"),
-    )
+    try:
+        plan = Plan(
+            sweep=Sweep.model_validate(attrs["sweep_spec"]),
+            profile=Profile.model_validate(attrs["profile_spec"]),
+            seeds=int(attrs["seeds"]),
+            overrides=tuple(attrs.get("overrides") or ()),
+            data_root=data_root or attrs.get("data_root"),
+        )
+    except ValidationError as e:
+        err = from_validation_error(e, "")
+        raise SpecError(f"its stored spec is not valid here: {err.key}: {err.message}", source="--study",
+                        key=name) from None
+    except (TypeError, ValueError) as e:  # `seeds` that is no number
+        raise SpecError(f"its stored spec is not valid here: {e}", source="--study", key=name) from None
+    if not 0 < plan.seeds <= MAX_SEEDS:
+        raise SpecError(f"this study holds {plan.seeds} seeds per setting; at most {MAX_SEEDS} can run",
+                        source="--study", key=name)
+    return plan
+
+
+# Every attr `Plan.attrs` writes when it creates a study: one missing means the creation was cut short.
+CREATION_ATTRS = ("sweep", "profile", "table", "description", "reference", "settings", "seeds", "overrides",
+                  "data_root", "sweep_path", "sweep_spec", "profile_spec")
 
 
 def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +263,9 @@ def open_study(storage: optuna.storages.RDBStorage, plan: Plan, *, note: bool = 
             study = optuna.load_study(study_name=plan.study_name, storage=storage)
         except KeyError:
             study = optuna.create_study(study_name=plan.study_name, storage=storage, direction="minimize")
+        if _unfinished(study):
+            # Created just now, or by a run killed between two of its attrs (Optuna writes one at a time):
+            # nothing was queued yet, so this plan's attrs complete it.
             for key, value in plan.attrs().items():
                 study.set_user_attr(key, value)
             if note:
@@ -289,7 +276,7 @@ def open_study(storage: optuna.storages.RDBStorage, plan: Plan, *, note: bool = 
     if "sweep_spec" in old and _what_trains(old["sweep_spec"], old["profile_spec"]) != _what_trains(
             new["sweep_spec"], new["profile_spec"]):
         raise SpecError(
-            f"study {plan.study_name} in {storage.url} was created from different settings or profile "
+            f"study {plan.study_name} in {shown(storage.url)} was created from different settings or profile "
             f"(--set {' '.join(old.get('overrides') or []) or '(none)'}); rerun with the same sweep and "
             "options, or use another --results-dir / --storage",
             source=plan.sweep.path or plan.sweep.name)
@@ -303,6 +290,13 @@ def open_study(storage: optuna.storages.RDBStorage, plan: Plan, *, note: bool = 
     if note:
         save_study_note(storage, study, plan)
     return study
+
+
+def _unfinished(study: optuna.Study) -> bool:
+    """A study whose creation did not get to the end: some creation attr missing and no trial queued
+    (a study of someone else's, with trials and its own attrs, is left alone)."""
+    attrs = study.user_attrs
+    return any(k not in attrs for k in CREATION_ATTRS) and not study.get_trials(deepcopy=False)
 
 
 def grid_point(trial: FrozenTrial) -> tuple[str, int] | None:
@@ -324,6 +318,24 @@ def point_states(trials: Iterable[FrozenTrial], grid: Iterable[tuple[str, int]])
         if p is not None and t.state in _RANK and (p not in best or _RANK[t.state] > _RANK[best[p]]):
             best[p] = t.state
     return {p: (best[p].name if p in best else "MISSING") for p in grid}
+
+
+def point_counts(trials: Iterable[FrozenTrial], labels: Iterable[str], seeds: int) -> dict[str, int]:
+    """How many points of the labels x seeds grid are in each of STATES, without listing the grid: a
+    study's stored seed count is counted, never materialised."""
+    labels = set(labels)
+    best: dict[tuple[str, int], TrialState] = {}
+    for t in trials:
+        p = grid_point(t)
+        if p is None or p[0] not in labels or not 0 <= p[1] < seeds or t.state not in _RANK:
+            continue
+        if p not in best or _RANK[t.state] > _RANK[best[p]]:
+            best[p] = t.state
+    counts = dict.fromkeys(STATES, 0)
+    for state in best.values():
+        counts[state.name] += 1
+    counts["MISSING"] = len(labels) * seeds - len(best)
+    return counts
 
 
 def enqueue_missing(study: optuna.Study, plan: Plan) -> int:

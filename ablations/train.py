@@ -223,6 +223,7 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
@@ -240,6 +241,7 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def seed_all(seed: int) -> None:
@@ -462,21 +464,25 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
     if dist.is_main:
         for stale in out_dir.glob(".*.tmp"):  # a write that a kill cut short (runio's temp files)
             stale.unlink(missing_ok=True)
+    from ablations.data import load_data
+
+    mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     with torch_settings(cfg.train, dev):
-        return _train(cfg, out_dir, dev, dist, data_root, progress, on_epoch)
+        data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
+                         world_size=dist.world_size)
+        try:
+            return _train(cfg, out_dir, dev, dist, data, mf, progress, on_epoch)
+        finally:
+            data.close()  # a long-lived worker's next trial must not inherit this one's loader workers
 
 
-def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data_root: str | None,
+def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, mf: torch.memory_format,
            progress: bool, on_epoch: Callable[[dict], None] | None) -> dict:
     from ablations.complexity import complexity
-    from ablations.data import load_data
     from ablations.patch import build_model
     from ablations.probe import probe_excitations, save_excitations
 
     spec = cfg.train
-    mf = torch.channels_last if spec.channels_last else torch.contiguous_format
-    data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
-                     world_size=dist.world_size)
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
     cx = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)  # before any training step
@@ -585,8 +591,8 @@ def cli_train(args) -> int:
             what = "required with --sweep" if args.setting is None else f"unknown label {args.setting!r}"
             raise SpecError(f"{what} (one of: {', '.join(labels)})", source=sweep.path, key="--setting")
         setting, sweep_name = sweep.settings[labels.index(args.setting)], sweep.name
-    if args.seed < 0:
-        raise SpecError(f"must be >= 0 (got {args.seed})", key="--seed")
+    if not 0 <= args.seed < 2**31:
+        raise SpecError(f"must be in 0..{2**31 - 1} (got {args.seed})", key="--seed")
     cfg = run_config(profile, setting, args.seed, sweep=sweep_name)
     try:
         final = train(cfg, Path(args.out), device=args.device, data_root=args.data_root)

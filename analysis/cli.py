@@ -31,7 +31,14 @@ def _profile(args: argparse.Namespace) -> str:
 
 
 def _results_dir(args: argparse.Namespace, must_exist: bool = True) -> Path:
+    """The results directory to read. Without --storage it must hold the default storage or run
+    directories (anything else would read as a sweep that never ran); with one, the run directories
+    may live elsewhere."""
+    from ablations.paths import check_results_dir
+
     path = Path(args.results_dir)
+    if args.storage is None:
+        return check_results_dir(path, run_dirs_suffice=True)
     if must_exist and not path.is_dir():
         raise SpecError("no such results directory", source="--results-dir", key=str(path))
     return path

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import nbformat
 
+from ablations.paths import analysis_dir
 from ablations.runio import write_atomic
 from ablations.spec import ROOT
+from ablations.storage_url import shown
 
 NOTEBOOKS_DIR = Path(__file__).with_name("notebooks")
 INJECTED_TAG = "injected-parameters"
@@ -35,17 +37,24 @@ def notebooks() -> list[Path]:
 
 
 def notebooks_dir(results_dir: str | Path, profile: str) -> Path:
-    return Path(results_dir) / profile / "notebooks"
+    return analysis_dir(results_dir, profile, "notebooks")
 
 
 def inject_parameters(nb: nbformat.NotebookNode, params: dict[str, str | None]) -> nbformat.NotebookNode:
-    """Insert (or replace) the injected cell after the `parameters` cell; values become literals."""
+    """Insert (or replace) the injected cell after the `parameters` cell; values become literals, except
+    STORAGE: a URL may hold a password, so the cell reads it from the kernel's environment and records
+    only the masked form, in a comment."""
     cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
     at = next((i + 1 for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])), 0)
     lines = ["# Parameters this copy was executed with (injected by `ablate notebooks`).",
              "from pathlib import Path"]
     for name, value in params.items():
-        lines.append(f"{name} = {value!r}" if name != "RESULTS_DIR" else f"RESULTS_DIR = Path({value!r})")
+        if name == "STORAGE":
+            lines += ["import os", f"STORAGE = os.environ.get('STORAGE') or None  # {shown(value)}"]
+        elif name == "RESULTS_DIR":
+            lines.append(f"RESULTS_DIR = Path({value!r})")
+        else:
+            lines.append(f"{name} = {value!r}")
     cell = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": [INJECTED_TAG]})
     nb.cells = [*cells[:at], cell, *cells[at:]]
     return nb

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ablations import paths
 from ablations.runio import write_atomic
 from ablations.spec import SESpec, Sweep
 from analysis import excitations, load, stats
@@ -56,7 +57,7 @@ def save(fig: Figure, stem: str | Path) -> list[Path]:
 
 
 def figures_dir(results_dir: str | Path, profile: str) -> Path:
-    return Path(results_dir) / profile / "figures"
+    return paths.analysis_dir(results_dir, profile, "figures")
 
 
 # --------------------------------------------------------------------------------------------------

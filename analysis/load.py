@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ablations import paths, storage_url
+
 KEY = ("sweep", "profile", "setting", "seed")
 METRICS = (
     "top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs",
@@ -32,18 +34,10 @@ INCOMPLETE = "INCOMPLETE"  # a run dir with a config but no final.json: interrup
 
 
 def resolve_storage(results_dir: str | Path, storage: str | None) -> str | None:
-    """The storage URL to read, or None when there is no database to read.
-
-    Default: sqlite:///<results-dir>/optuna.db. A SQLite URL whose file does not exist counts as no
-    storage, because opening it would create an empty database as a side effect of reading.
-    """
-    if storage is None:
-        storage = f"sqlite:///{Path(results_dir) / 'optuna.db'}"
-    if storage.startswith("sqlite:///"):
-        path = storage.removeprefix("sqlite:///")
-        if path and path != ":memory:" and not Path(path).is_file():
-            return None
-    return storage
+    """The storage URL to read (the runner's resolver: same default, same driver for postgresql://), or
+    None when it is a SQLite file that does not exist: opening it would create an empty database as a
+    side effect of reading."""
+    return storage_url.existing(results_dir, storage)
 
 
 def _optuna():
@@ -59,12 +53,14 @@ def _optuna():
 @contextlib.contextmanager
 def _open(url: str) -> Iterator[Any]:
     """The storage, read and closed: an open SQLite connection keeps the database's write-ahead log
-    beside it (optuna.db-wal) until it closes."""
-    storage = _optuna().storages.RDBStorage(url)
-    try:
-        yield storage
-    finally:
-        storage.engine.dispose()
+    beside it (optuna.db-wal) until it closes. A storage that cannot be read (a garbage or truncated
+    file, no driver, no server) is one line naming it, password masked."""
+    with storage_url.reading(url):
+        storage = _optuna().storages.RDBStorage(url)
+        try:
+            yield storage
+        finally:
+            storage.engine.dispose()
 
 
 def _studies(storage: Any, sweep: str | None, profile: str | None) -> list[tuple[str, dict[str, Any]]]:
@@ -277,9 +273,7 @@ def locate_run_dir(results_dir: str | Path, row: pd.Series | dict) -> Path:
     Canonical first because `results_dir` is what the user asked to analyse (a copied results dir must
     not read the original's files); the recorded path covers run dirs kept outside the results dir.
     """
-    from ablations.spec import Setting
-
-    slug = Setting(label=str(row["setting"])).slug
+    slug = paths.label_dir(str(row["setting"]))
     canonical = Path(results_dir) / str(row["profile"]) / str(row["sweep"]) / slug / f"seed{int(row['seed'])}"
     recorded = row.get("run_dir")
     if not canonical.is_dir() and isinstance(recorded, str) and recorded and Path(recorded).is_dir():

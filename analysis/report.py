@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablations.paths import report_file
 from ablations.runio import write_atomic
 from ablations.spec import PROFILES_DIR, ROOT
+from ablations.storage_url import shown
 from analysis import load
 from analysis.figures import figures_dir, write_figures
 from analysis.render import render
@@ -130,7 +132,7 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
     body = [
         f"<h1>SE ablations: profile {html.escape(profile)}</h1>",
         f"<p>Results: <code>{html.escape(str(results_dir.resolve()))}</code>; storage: "
-        f"<code>{html.escape(str(load.resolve_storage(results_dir, storage)))}</code>; generated "
+        f"<code>{html.escape(shown(load.resolve_storage(results_dir, storage)))}</code>; generated "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Trials: "
         + ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items())) + ".</p>",
         f"<nav>{nav} <a href='#excitations'>Fig. 6/7, class specificity</a> "
@@ -164,4 +166,4 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
 
 def write_report(results_dir: str | Path, storage: str | None, profile: str) -> Path:
     """<results>/<profile>/report.html."""
-    return write_atomic(Path(results_dir) / profile / "report.html", build_report(results_dir, storage, profile))
+    return write_atomic(report_file(results_dir, profile), build_report(results_dir, storage, profile))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ablations import paths
 from ablations.errors import SpecError
 from ablations.paper import own_sources, published_for
 from ablations.runio import write_atomic
@@ -275,7 +276,7 @@ def load_table(results_dir: str | Path, storage: str | None, sweep: Sweep, profi
 
 
 def tables_dir(results_dir: str | Path, profile: str) -> Path:
-    return Path(results_dir) / profile / "tables"
+    return paths.analysis_dir(results_dir, profile, "tables")
 
 
 def write_table(table: Table, results_dir: str | Path) -> list[Path]:
@@ -308,7 +309,7 @@ def sweep_summary(results_dir: Path, storage: str | None, sweep: Sweep, profile:
     from analysis.render import render
 
     table = load_table(results_dir, storage, sweep, profile)
-    out = Path(results_dir) / profile / sweep.name
+    out = paths.sweep_dir(results_dir, profile, sweep.name)
     write_atomic(out / "table.md", render(table, "md"))
     write_atomic(out / "table.csv", render(table, "csv"))
     return render(table, "text")

@@ -471,6 +471,11 @@ def render(r: dict) -> str:
     if ttt:
         lines += ["", f"Time-to-table ran {ttt['sum_train_s']:.0f} s of training in {ttt['wall_s']:.0f} s wall with "
                   f"{ttt['workers']} workers ({ttt['sum_train_s'] / ttt['wall_s']:.2f}× parallel)."]
+    fp = r.get("folder_pipeline")
+    if fp:
+        from folder_pipeline import render as folder_section
+
+        lines += folder_section(fp)
     lines += ["", "## Notes", "", notes(r)]
     return "\n".join(lines) + "\n"
 
@@ -575,7 +580,7 @@ NOTE_NO_GPU = """\
 
 
 SECTIONS = ("cpu_inference", "quick_train_step", "gpu", "trainer_vs_bare", "gpu_trainer", "gpu_packing",
-            "time_to_table", "scheduler")
+            "time_to_table", "scheduler", "folder_pipeline")
 
 
 def main() -> None:
@@ -589,7 +594,8 @@ def main() -> None:
     only = set(args.only.split(",")) - {""}  # --only "" re-renders the recorded figures
     results_path = ROOT / "benchmarks" / "results.json"
     r = json.loads(results_path.read_text()) if results_path.exists() else {}
-    r.update(date=time.strftime("%Y-%m-%d"), machine=machine())
+    if only >= set(SECTIONS) or "date" not in r:  # the header dates a full run; --only keeps it
+        r.update(date=time.strftime("%Y-%m-%d"), machine=machine())
     steps = {"cpu_inference": lambda: cpu_inference(args.rounds),
              "quick_train_step": lambda: quick_train_step(args.rounds),
              "gpu": lambda: gpu_train_step(args.rounds),
@@ -597,7 +603,8 @@ def main() -> None:
              "gpu_trainer": lambda: gpu_trainer_vs_bare(args.reps),
              "gpu_packing": gpu_packing,
              "time_to_table": lambda: time_to_table(args.workers),
-             "scheduler": scheduler_overhead}
+             "scheduler": scheduler_overhead,
+             "folder_pipeline": lambda: _script_json("folder_pipeline.py")}
     keys = {"gpu": "gpu_train_step", "gpu_trainer": "gpu_trainer_vs_bare"}
     for name in SECTIONS:
         if name in only:

@@ -336,7 +336,7 @@ def test_cli_bad_input_is_a_spec_error(results, tmp_path, capsys):
     assert main(["tables", "--results-dir", str(tmp_path / "nope")]) == 2
     assert "no such results directory" in capsys.readouterr().err
     assert main(["tables", "--results-dir", str(tmp_path)]) == 2  # exists, but nothing ran
-    assert "no completed trials" in capsys.readouterr().err
+    assert "not a results directory (no optuna.db and no run directories" in capsys.readouterr().err
 
 
 def test_cli_tables_writes_files(results, tmp_path, capsys):

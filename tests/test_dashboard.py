@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import subprocess
@@ -14,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from ablations import dashboard, scheduler, studies
+from ablations import dashboard, studies
+from ablations.spec import load_profile, load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def ratio_plan(*overrides: str, sweep: str = "ratio", profile: str = "quick"):
-    args = argparse.Namespace(sweeps=[sweep], profile=profile, set=list(overrides), seeds=None, data_root=None)
-    (plan,) = scheduler.plans_from_args(args)
-    return plan
+    """The study's plan, built from the files alone: the paper and cifar profiles need a data root that
+    `ablate run` would check, and a note does not."""
+    loaded = load_sweep(sweep)
+    return studies.Plan(loaded, load_profile(profile, overrides), loaded.seeds, tuple(overrides))
 
 
 def free_port() -> int:

@@ -34,6 +34,12 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err.strip()
 
 
+@pytest.fixture(autouse=True)
+def _storage_env_restored(monkeypatch):
+    """`launch.submit` puts the storage URL in this process's environment for the jobs to inherit."""
+    monkeypatch.setenv(launch.STORAGE_ENV, "")
+
+
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch) -> Path:
     """`srun` and `sbatch` stand-ins on PATH: sbatch keeps each submitted script and answers as SLURM does."""
@@ -69,7 +75,10 @@ def test_slurm_job_array_has_the_requested_resources_and_requeues(tmp_path, fake
     workers = [DelayedSubmission.load(logs / f"4242_{i}" / f"4242_{i}_submitted.pkl").function for i in range(3)]
     assert [w.index for w in workers] == [0, 1, 2]
     assert all(w.device == "cuda:0,cuda:1" and w.studies == ["mini-quick"] for w in workers)
-    assert workers[0].url == studies.storage_url(".", pg_url)
+    # The URL (a password, on a real cluster) is not in the 0644 job pickles: the jobs inherit it.
+    assert os.environ[launch.STORAGE_ENV] == studies.storage_url(".", pg_url)
+    assert "#SBATCH --export=ALL" in text
+    assert not any(pg_url.split("@")[1] in p.read_bytes().decode("latin-1") for p in logs.rglob("*.pkl"))
     # The grid was queued before submission: the jobs only have to claim it.
     study = load(studies.storage_url(".", pg_url))
     assert sorted(t.state.name for t in study.trials) == ["WAITING"] * 3
@@ -120,7 +129,7 @@ def test_preempted_worker_is_requeued_and_its_trial_resumes_from_the_checkpoint(
     plans = make_plans(write_sweep(tmp_path, settings=ONE_SETTING, seeds=1), overrides=[*TINY, "train.epochs=3"])
     create_study(url, plans)
     executor = launch.make_executor("local", tmp_path / "logs", array=1, name="t", time_min=30, gpus_per_node=0)
-    (job,) = launch.submit(executor, [launch.SlurmWorker(url, ["mini-quick"], str(results), "cpu")])
+    (job,) = launch.submit(executor, [launch.SlurmWorker(["mini-quick"], str(results), "cpu")], url)
     run_dir = results / "quick" / "mini" / "r=16" / "seed0"
 
     def first_attempt_past_epoch_1():

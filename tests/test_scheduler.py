@@ -472,10 +472,11 @@ def test_status_eta_from_median_trial_time(tmp_path, results):
     assert (row["done"], row["running"], row["queued"], row["eta"]) == (2, 1, 3, "3m40s")
 
 
-def test_no_storage_yet(results, capsys):
-    assert cli.main(["status", "--results-dir", str(results)]) == 0
-    assert "no studies yet" in capsys.readouterr().out
-    assert not (results / "optuna.db").exists()
+def test_status_without_a_results_dir_is_an_error(results, capsys):
+    rc, err = _cli(capsys, "status", "--results-dir", str(results))
+    assert rc == 2 and err == (f"error: --results-dir: {results}: no such results directory (start a sweep "
+                               "with `ablate run`, or name another with --results-dir)")
+    assert not results.exists()  # reading created nothing
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_profile_name_must_be_an_identifier(tmp_path, capsys):
     assert main(["complexity", "ratio", "--profile", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(path) in err
-    assert "name: a profile name is letters, digits and underscores only (got 'paper-sec6')" in err
+    assert "name: profile name 'paper-sec6' must be an identifier (letters, digits and _" in err
     (tmp_path / "paper_sec6.yaml").write_text("description: fine\n")
     assert load_profile(tmp_path / "paper_sec6.yaml").name == "paper_sec6"
 

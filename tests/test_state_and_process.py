@@ -1,0 +1,157 @@
+"""Resources, state and process hygiene: seed counts that cannot blow up memory, study creation that a
+kill cannot leave half done, temp files that do not outlive their write, and no process-wide state
+(umask, TF32) changed behind the caller's back."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import tracemalloc
+
+import optuna
+import pytest
+import torch
+from scale_helpers import FAKE, make_plans, write_sweep
+
+from ablations import cli, runio, scheduler, studies
+from ablations.errors import SpecError
+from ablations.spec import MAX_SEEDS
+
+
+def _url(results) -> str:
+    return studies.storage_url(results, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def test_status_counts_a_huge_stored_seed_count_without_listing_it(tmp_path):
+    """A study created before the limit (or by hand) with 10^12 seeds: status counts, never lists."""
+    (plan,) = make_plans(write_sweep(tmp_path))
+    storage = studies.open_storage(_url(tmp_path / "results"))
+    study = studies.open_study(storage, plan)
+    with studies.grid_lock(storage):
+        studies.enqueue_missing(study, plan)  # 3 settings x 2 seeds queued
+    study.set_user_attr("seeds", 10**12)
+    tracemalloc.start()
+    row = scheduler.study_status(optuna.load_study(study_name=study.study_name, storage=storage))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (row["points"], row["queued"], row["missing"]) == (3 * 10**12, 6, 3 * 10**12 - 6)
+    assert peak < 50 * 2**20
+    with pytest.raises(SpecError, match=f"holds {10**12} seeds per setting; at most {MAX_SEEDS} can run"):
+        studies.plan_from_attrs(study.study_name, study.user_attrs)
+
+
+def test_the_seed_limit_holds_for_sweep_files_too(tmp_path):
+    with pytest.raises(SpecError, match=f"seeds: Input should be less than or equal to {MAX_SEEDS}"):
+        make_plans(write_sweep(tmp_path, seeds=MAX_SEEDS + 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Study creation
+
+
+@pytest.mark.parametrize("written", [0, 5, len(studies.CREATION_ATTRS) - 1])
+def test_a_study_whose_creation_was_killed_is_completed_by_the_next_run(written, tmp_path):
+    """Optuna writes a study's attrs one at a time; a kill after `written` of them left a study every
+    later `ablate run` used to fail on with KeyError."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (plan,) = make_plans(write_sweep(tmp_path))
+    study = optuna.create_study(study_name=plan.study_name, storage=_url(results), direction="minimize")
+    for key in studies.CREATION_ATTRS[:written]:
+        study.set_user_attr(key, plan.attrs()[key])
+    with pytest.raises(SpecError, match="not created by `ablate run`, or its creation was interrupted"):
+        studies.plan_from_attrs(plan.study_name, study.user_attrs)  # what `ablate worker` would do
+    assert scheduler.run([plan], _url(results), results, ["cpu"], 1, trainer=FAKE, bars=False) == 0
+    done = optuna.load_study(study_name=plan.study_name, storage=_url(results))
+    assert set(studies.CREATION_ATTRS) <= set(done.user_attrs)
+    assert studies.plan_from_attrs(plan.study_name, done.user_attrs).grid() == plan.grid()
+    assert sorted(studies.grid_point(t) for t in done.trials if t.state.name == "COMPLETE") == sorted(plan.grid())
+
+
+def test_every_creation_attr_is_written_by_a_plan(tmp_path):
+    (plan,) = make_plans(write_sweep(tmp_path))
+    assert set(studies.CREATION_ATTRS) <= set(plan.attrs())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Temp files
+
+
+def test_an_interrupted_write_leaves_no_temp_file_for_good(tmp_path):
+    target = tmp_path / "quick" / "ratio" / "table.csv"
+    target.parent.mkdir(parents=True)
+    orphan = target.parent / ".table.csv.dead1234.tmp"  # what a kill mid-write leaves
+    fresh = target.parent / ".table.csv.live5678.tmp"  # another process writing right now
+    other = target.parent / ".table.md.dead9999.tmp"  # another file's: its own next write clears it
+    for p in (orphan, fresh, other):
+        p.write_text("partial")
+    old = time.time() - runio.STALE_TMP_S - 60
+    for p in (orphan, other):
+        os.utime(p, (old, old))
+    runio.write_atomic(target, "a,b\n1,2\n")
+    assert target.read_text() == "a,b\n1,2\n"
+    assert not orphan.exists() and fresh.exists() and other.exists()
+
+
+def test_a_failing_write_removes_its_own_temp_file(tmp_path):
+    def explode(f):
+        f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        runio.write_bytes_with(tmp_path / "x.bin", explode)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process state
+
+
+def test_runio_never_touches_the_umask(tmp_path, monkeypatch):
+    umask = os.umask(0o027)  # a distinctive one, read back after the write
+    try:
+        def forbidden(mask):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", forbidden)
+        module = importlib.reload(runio)  # import time included
+        module.write_atomic(tmp_path / "shared.txt", "x")
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o640  # 0666 under umask 027
+
+
+def test_torch_settings_restores_tf32(tmp_path):
+    from ablations.spec import TrainSpec
+    from ablations.train import torch_settings
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch_settings(TrainSpec(), torch.device("cuda")):  # flags only: nothing runs on the device
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_devices_cuda_means_every_gpu_with_one_process_per_trial_too(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert scheduler.resolve_devices("cuda") == ["cuda:0", "cuda:1", "cuda:2"]
+    assert scheduler.resolve_devices("cuda:1") == ["cuda:1"]
+    from ablations.ddp import device_groups
+
+    assert device_groups(scheduler.resolve_devices("cuda"), 1) == ["cuda:0", "cuda:1", "cuda:2"]
+
+
+def test_devices_cuda_without_gpus_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["run", "ratio", "--devices", "cuda", "--results-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --devices: cuda: unknown device (available here: cpu)"
