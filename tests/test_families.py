@@ -63,6 +63,29 @@ def test_timm_keeps_removes_or_replaces_the_models_own_module(arch):
     assert all(type(m).__name__ == "EcaModule" for m in eca_blocks.values())
 
 
+def test_eca_in_efficientnets_slot_is_timms_se_layer_eca_model():
+    """timm's own EfficientNet-B0 with `se_layer='eca'` puts ECA in the same slot on the same channels
+    (its rd_ratio and activation do not reach plain ECA): same parameters, same outputs and gradients."""
+    torch.manual_seed(0)
+    reference = timm.create_model("efficientnet_b0", se_layer="eca")
+    ours = build_model(BackboneSpec(arch="efficientnet_b0"), SESpec(attention="eca"))
+    state = reference.state_dict()
+    assert set(ours.state_dict()) == set(state)
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    reference.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+    reference.train(), ours.train()
+    out_r, out_o = reference(x), ours(x)
+    torch.testing.assert_close(out_o, out_r, rtol=0, atol=0)
+    out_r.square().sum().backward()
+    out_o.square().sum().backward()
+    grads = dict(reference.named_parameters())
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key].grad, rtol=0, atol=0, msg=key)
+
+
 def test_efficientnet_stage_names():
     """blocks.0-1 -> stage 2, blocks.2 -> 3, blocks.3-4 -> 4, blocks.5-6 -> 5 (EfficientNet-B0: 1, 2, 2,
     3, 3, 4, 1 blocks)."""
