@@ -69,3 +69,14 @@ class NeedsWidth(nn.Module):
 
 
 NOT_A_CLASS = 3
+
+
+class HostScaled(nn.Module):
+    """Reads a number back to the host in its forward: it cannot run on the meta device."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.strength = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(torch.sigmoid(self.strength))

@@ -293,6 +293,20 @@ def test_bad_attention_is_one_line_naming_the_key(spec, key, needle):
     assert "\n" not in str(e.value)
 
 
+def test_a_plugin_that_cannot_run_on_meta_is_counted_on_the_cpu(tmp_path):
+    from ablations.cli import complexity_rows
+
+    path = tmp_path / "host.yaml"
+    path.write_text("settings:\n  - {label: plain, se: false}\n"
+                    "  - {label: host, attention: 'plugin_modules:HostScaled', stages: [5]}\n")
+    with pytest.raises(RuntimeError, match="meta"), torch.device("meta"):  # why the CPU fallback exists
+        build_model(BackboneSpec(), SESpec(attention="plugin_modules:HostScaled"))(torch.zeros(1, 3, 64, 64))
+    rows = {r["setting"]: r for r in complexity_rows(str(path), "paper", [])}
+    assert rows["host"]["params"] - rows["plain"]["params"] == 3  # one scalar per stage-5 block
+    assert rows["host"]["macs"] == rows["plain"]["macs"]  # an elementwise product: nothing counted
+    check_fits(BackboneSpec(), SESpec(attention="plugin_modules:HostScaled"))  # the meta pass lets it be
+
+
 def test_shape_check_names_the_block():
     model = build_model(BACKBONES["bottleneck"], SESpec(attention="plugin_modules:Halves", stages=[4]))
     with pytest.raises(SpecError) as e:
