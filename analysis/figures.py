@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ablations import paths
+from ablations.paper import own_sources
 from ablations.runio import write_atomic
 from ablations.spec import SESpec, Sweep
 from analysis import excitations, load, stats
@@ -286,7 +287,8 @@ def table_plot(table: Table) -> Figure:
         ax.set_ylabel("top-1 error (%)")
         if paper:
             axes[1].scatter(x, r["paper_top1"], s=46, c=colors, marker="D", zorder=3)
-            axes[1].set_title("paper (ImageNet, SE-ResNet-50)")
+            axes[1].set_title("published (ImageNet, each row's source)" if own_sources(table.sweep)
+                              else "paper (ImageNet, SE-ResNet-50)")
             axes[1].set_ylabel("top-1 error (%)")
         for a in axes:
             a.set_xticks(x, [f"{s}\n(ref)" if ref else s for s, ref in zip(r["setting"], r["reference"])])
