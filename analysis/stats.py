@@ -93,7 +93,9 @@ def mde(n: int, sd: float, paired: bool = True, n_ref: int | None = None, alpha:
     else:
         d = TTestIndPower().solve_power(effect_size=None, nobs1=n, ratio=n_ref / n, alpha=alpha,
                                         power=power, alternative="two-sided")
-    return float(d) * sd
+    # For some n (73, 87, 92, ...) statsmodels' fallback root-finder returns the negative root as a
+    # 1-element array: the two-sided power is symmetric in the effect size, so its magnitude is the MDE.
+    return abs(float(np.ravel(d)[0])) * sd
 
 
 # ---------------------------------------------------------------------------------------------------

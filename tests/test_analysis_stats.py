@@ -256,3 +256,15 @@ def test_class_average_weights_by_images():
     means = np.array([[0.2, 1.0], [0.8, 0.0]])
     counts = np.array([1, 3])  # (0.2*1 + 0.8*3)/4 = 0.65; (1*1 + 0*3)/4 = 0.25
     np.testing.assert_allclose(stats.class_average(means, counts), [0.65, 0.25])
+
+
+def test_mde_is_the_positive_effect_at_80_percent_power_for_every_seed_count_the_runner_allows():
+    """statsmodels' solver returns the negative root (as a 1-element array) for some n, e.g. 73: the MDE
+    is its magnitude, and it falls as n grows, which the precision loop's bisection relies on."""
+    sizes = [*range(2, 130, 3), 73, 87, 92, 109, 117, 120]
+    mdes = [stats.mde(n, 1.0) for n in sorted(set(sizes))]
+    assert all(isinstance(m, float) and m > 0 for m in mdes)
+    assert all(a > b for a, b in zip(mdes, mdes[1:]))
+    for n in (73, 87):  # where the solver found the negative root
+        power = TTestPower().power(effect_size=stats.mde(n, 1.0), nobs=n, alpha=0.05, alternative="two-sided")
+        assert power == pytest.approx(0.8, abs=1e-6)
