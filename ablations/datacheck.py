@@ -96,7 +96,7 @@ def check_plan_data(sweep: Sweep, profile: Profile, data_root: str | None, profi
                     nproc: int = 1) -> None:
     """Every setting of `sweep` against the profile's data: classes, input channels and size, batch.
     `profile_source` names the profile in errors (its file, and whether --set changed it)."""
-    from ablations.data import check_input_size
+    from ablations.stride import check_input_size
 
     spec = profile.data
     data = facts(spec, data_root, profile_source)

@@ -22,11 +22,10 @@ from pydantic import (
     model_validator,
 )
 
-from ablations import bundled, paths, yamlio
+from ablations import bundled, rundir, yamlio
 from ablations.errors import SpecError
 from ablations.yamlio import bool_for_number
 
-ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = bundled.sweeps_dir()
 PROFILES_DIR = bundled.profiles_dir()
 
@@ -113,15 +112,15 @@ class Setting(Frozen):
     @field_validator("label")
     @classmethod
     def _label_fits(cls, v: str) -> str:
-        problem = paths.label_problem(v)
+        problem = rundir.label_problem(v)
         if problem:
             raise ValueError(problem)
         return v
 
     @property
     def slug(self) -> str:
-        """The run directory's name for this label (paths.label_dir)."""
-        return paths.label_dir(self.label)
+        """The run directory's name for this label (rundir.label_dir)."""
+        return rundir.label_dir(self.label)
 
 
 class Sweep(Frozen):
@@ -138,7 +137,7 @@ class Sweep(Frozen):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        problem = paths.name_problem(v, "sweep")
+        problem = rundir.name_problem(v, "sweep")
         if problem:
             raise ValueError(problem)
         return v
@@ -159,7 +158,7 @@ class Sweep(Frozen):
             by_dir.setdefault(s.slug.casefold(), []).append(s.label)
         clash = next((group for group in by_dir.values() if len(group) > 1), None)
         if clash:
-            raise ValueError(f"labels {clash} map to the same directory name {paths.label_dir(clash[0])!r}")
+            raise ValueError(f"labels {clash} map to the same directory name {rundir.label_dir(clash[0])!r}")
         if self.reference is not None and self.reference not in labels:
             raise ValueError(f"reference {self.reference!r} is not one of the labels {labels}")
         return self
@@ -235,7 +234,7 @@ class Profile(Frozen):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        problem = paths.name_problem(v, "profile")
+        problem = rundir.name_problem(v, "profile")
         if problem:
             raise ValueError(problem)
         return v

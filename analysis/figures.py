@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from ablations import paths
-from ablations.runio import write_atomic
+from ablations import rundir
+from ablations.atomic import write_atomic
 from ablations.spec import SESpec, Sweep
 from analysis import excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
@@ -57,7 +57,7 @@ def save(fig: Figure, stem: str | Path) -> list[Path]:
 
 
 def figures_dir(results_dir: str | Path, profile: str) -> Path:
-    return paths.analysis_dir(results_dir, profile, "figures")
+    return rundir.analysis_dir(results_dir, profile, "figures")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from analysis_fixtures import PROFILE, RATIO, make_results  # noqa: E402
+from helpers import PROFILE, RATIO, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ablations.cli import main  # noqa: E402

@@ -6,7 +6,7 @@ import shutil
 
 import nbformat
 import pytest
-from analysis_fixtures import PROFILE, make_results
+from helpers import PROFILE, make_results
 
 from ablations.cli import main
 from analysis.execute import INJECTED_TAG, execute_all, notebooks

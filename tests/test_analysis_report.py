@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
-from analysis_fixtures import PROFILE, make_results  # noqa: E402
+from helpers import PROFILE, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ablations.cli import main  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from ablations.cli import complexity_rows
+from ablations.cli_train import complexity_rows
 from ablations.complexity import complexity
 from ablations.patch import build_model
 from ablations.se import SEModule

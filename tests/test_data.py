@@ -11,18 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
-from ablations.data import (
-    InMemoryData,
-    crop_flip,
-    input_stride,
-    load_data,
-    seed_for,
-    stratified_split,
-)
+from ablations.batches import seed_for
+from ablations.data import InMemoryData, crop_flip, load_data, stratified_split
 from ablations.errors import SpecError
 from ablations.folder_data import FolderData
-from ablations.spec import ROOT, BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.spec import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.stride import input_stride
 
 TINY = BackboneSpec(arch="resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True,
                     num_classes=10)
@@ -324,19 +320,24 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     assert np.array_equal(data._digits_csv(), expected)
 
 
-def test_input_stride_ignores_se_and_is_measured_once_per_backbone():
-    from ablations.data import _input_stride
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_the_backbones_stride_is_every_settings_and_measured_once(small_stem):
+    """input_stride takes the backbone alone; every SE position and stage set downsamples exactly as it
+    does, so its stride is the stride of each setting's model."""
     from ablations.patch import build_model
+    from ablations.stride import _input_stride
 
+    backbone = TINY.model_copy(update={"small_stem": small_stem})
     _input_stride.cache_clear()
-    for se in (SESpec(), SESpec(position="pre"), None):
-        assert input_stride(TINY) == 8  # small stem: stages 3..5 halve the map
-        with torch.device("meta"):  # SE blocks never change a shape: the backbone answers for all
-            out = build_model(TINY, se).forward_features(torch.empty(1, 3, 64, 64))
-        assert out.shape[-1] == 64 // 8
-    assert _input_stride.cache_info().misses == 1
-    assert input_stride(TINY.model_copy(update={"small_stem": False})) == 32
-    assert _input_stride.cache_info().misses == 2
+    stride = input_stride(backbone)
+    assert stride == (8 if small_stem else 32)  # stages 3..5 halve the map; the ImageNet stem 4 more
+    side = 3 * stride  # a map of 3x3 at the last stage: a wrong stride would show in the shape
+    for se in (SESpec(), *(SESpec(position=p) for p in ("pre", "post", "identity", "3x3")),
+               SESpec(squeeze="none", stages=(2, 5)), None):
+        with torch.device("meta"):
+            out = build_model(backbone, se).forward_features(torch.empty(1, 3, side, side))
+        assert out.shape[-2:] == (side // stride, side // stride), se
+    assert input_stride(backbone) == stride and _input_stride.cache_info().misses == 1
 
 
 # Other bad input
@@ -522,7 +523,7 @@ def test_a_trial_on_a_folder_leaves_no_workers_behind(tmp_path):
     cfg = cfg.model_copy(update={"train": TrainSpec(epochs=2, threads=1, precise_bn=1)})
     before = set(multiprocessing.active_children())
     final = train(cfg, tmp_path / "run", device="cpu", data_root=str(tmp_path / "data"), progress=False)
-    assert final["epochs"] == 2 and 0 <= final["top1_err"] <= 100
+    assert final.epochs == 2 and 0 <= final.top1_err <= 100
     assert not [p for p in multiprocessing.active_children() if p not in before]
 
 

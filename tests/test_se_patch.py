@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from pydantic import ValidationError
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ablations.complexity import complexity
@@ -169,9 +170,9 @@ def test_scripts_and_trains_like_timm():
     (dict(stages=[1]), "stages"),
 ])
 def test_invalid_se_spec(spec, key):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ValidationError) as e:
         SESpec(**spec)
-    assert key in str(e.value)
+    assert [err["loc"][0] for err in e.value.errors()] == [key]
 
 
 def test_reduction_larger_than_channels():

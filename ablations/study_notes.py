@@ -1,23 +1,16 @@
-"""`ablate dashboard`: optuna-dashboard on the sweep storage, bound to 127.0.0.1 by default.
-
-Each study carries a dashboard note (optuna_dashboard.save_note, shown on the study's page) saying what
-it reproduces: the sweep's description, the profile, and the paper's published numbers per setting.
+"""The note each study carries for optuna-dashboard (optuna_dashboard.save_note, shown on the study's
+page): what it reproduces, the sweep's description, the profile, and the paper's published numbers per
+setting. `ablate run` saves it beside the first trials: importing optuna-dashboard takes seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
-from typing import TYPE_CHECKING
 
-from ablations.errors import SpecError
+import optuna
+
+from ablations.grid import Plan
 from ablations.paper import published_row
-
-if TYPE_CHECKING:
-    import optuna
-
-    from ablations.studies import Plan
 
 OBJECTIVE = "top1_err (%)"
 NOTE_DIGEST = "ablations:note_sha1"  # study system attr: the digest of the note last saved
@@ -73,25 +66,3 @@ def save_study_note(storage: optuna.storages.BaseStorage, study: optuna.Study, p
         storage.set_study_system_attr(study_id, NOTE_DIGEST, digest)
     if study.metric_names != [OBJECTIVE]:
         study.set_metric_names([OBJECTIVE])
-
-
-def cli_dashboard(args: argparse.Namespace) -> int:
-    from ablations import storage_url
-    from ablations.studies import open_storage
-
-    if not 1 <= args.port <= 65535:
-        raise SpecError(f"must be a port number in 1..65535 (got {args.port})", source="--port")
-    url = storage_url.resolve(args.results_dir, args.storage)
-    storage = open_storage(url)
-    from optuna_dashboard import run_server
-
-    print(f"optuna-dashboard on {storage_url.shown(url)}: http://{args.host}:{args.port}/ (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
-    try:
-        run_server(storage, host=args.host, port=args.port)
-    except (OSError, OverflowError) as e:  # the port taken, the host unknown here
-        reason = getattr(e, "strerror", None) or e
-        raise SpecError(f"cannot listen on {args.host}:{args.port}: {reason}", source="--port") from None
-    except KeyboardInterrupt:
-        pass
-    return 0
