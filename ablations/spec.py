@@ -289,7 +289,7 @@ def from_validation_error(err: ValidationError, source: str, prefix: str = "") -
         msg = "unknown key"
     elif "input" in first and first["type"] != "missing" and not isinstance(first["input"], dict):
         got = repr(first["input"])
-        if got not in msg:  # validators of ours quote the value themselves
+        if f"got {got}" not in msg:  # validators of ours quote the value themselves
             msg = f"{msg} (got {got if len(got) <= 120 else got[:117] + '...'})"
     return SpecError(msg, source=source, key=key or None)
 
