@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. data.input_size=160 (repeatable)")
 
+    cf = sub.add_parser("config", help="the effective profile as YAML, each key with its description")
+    cf.add_argument("--profile", default="quick", help="profile name or YAML path (default: quick)")
+    cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a profile key, e.g. train.epochs=5 (repeatable)")
+
     def common(q: argparse.ArgumentParser, profile: str | None = "quick") -> None:
         if profile is not None:
             q.add_argument("--profile", default=profile, help=f"profile name or YAML path (default: {profile})")

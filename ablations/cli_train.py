@@ -1,5 +1,6 @@
-"""`ablate train` and `ablate complexity`: one setting trained into a directory, and every setting of a
-sweep counted (params and MACs) beside the paper's numbers."""
+"""`ablate train`, `complexity` and `config`: the commands that need a profile and no storage. One setting
+trained into a directory; every setting of a sweep counted (params and MACs) beside the paper's numbers;
+the effective profile printed with what each key means."""
 
 from __future__ import annotations
 
@@ -93,4 +94,11 @@ def cli_complexity(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(df.to_string(index=False, na_rep="-"))
+    return 0
+
+
+def cli_config(args: argparse.Namespace) -> int:
+    from ablations.config_doc import profile_yaml
+
+    sys.stdout.write(profile_yaml(load_profile(args.profile, args.set), args.set))
     return 0

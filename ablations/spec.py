@@ -1,8 +1,9 @@
 """Specs: what an SE block, a backbone, a setting, a sweep and a profile are, and how files become them.
 
 Data flows one way: `sweeps/<axis>.yaml` + `sweeps/profiles/<profile>.yaml` -> `Sweep` and `Profile`
--> `RunConfig` per (setting, seed). Every key has a one-line comment; invariants that need more than a
-type are checked in the model validators. Any invalid input raises `SpecError` naming file and key.
+-> `RunConfig` per (setting, seed). Every key is documented once, in its `Field(description=...)`,
+which `ablate config` prints beside the key; invariants that need more than a type are checked in the
+model validators. Any invalid input raises `SpecError` naming file and key.
 """
 
 from __future__ import annotations
@@ -51,12 +52,16 @@ class Frozen(BaseModel):
 class SESpec(Frozen):
     """One SE configuration (paper Sec. 6). Defaults are the paper's standard SE-ResNet block."""
 
-    reduction: int = Field(16, gt=0)  # r: hidden width is exactly C // r (at least 1; r <= C)
-    squeeze: Literal["avg", "max", "none"] = "avg"  # global avg / global max pooling; none = NoSqueeze
-    gate: Literal["sigmoid", "tanh", "relu"] = "sigmoid"  # final excitation non-linearity (Table 12)
-    position: Literal["standard", "pre", "post", "identity", "3x3"] = "standard"  # Table 14/15
-    stages: tuple[Literal[2, 3, 4, 5], ...] = STAGES  # stages holding SE ("all" = 2..5, Table 13)
-    bias: bool = False  # FC bias; the paper's ablation parameter counts are weights only
+    reduction: int = Field(16, gt=0, description="r: hidden width is exactly C // r (at least 1; r <= C)")
+    squeeze: Literal["avg", "max", "none"] = Field(
+        "avg", description="global avg / global max pooling; none = NoSqueeze")
+    gate: Literal["sigmoid", "tanh", "relu"] = Field(
+        "sigmoid", description="final excitation non-linearity (Table 12)")
+    position: Literal["standard", "pre", "post", "identity", "3x3"] = Field(
+        "standard", description="integration position (Table 14; 3x3 is Table 15's SE_3x3)")
+    stages: tuple[Literal[2, 3, 4, 5], ...] = Field(
+        STAGES, description='stages holding SE ("all" = 2..5, Table 13)')
+    bias: bool = Field(False, description="FC bias; the paper's ablation parameter counts are weights only")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -80,16 +85,22 @@ class SESpec(Frozen):
 class BackboneSpec(Frozen):
     """A timm ResNet-family backbone plus the paper-faithful options timm lacks."""
 
-    arch: str = "resnet50"  # timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)
-    layers: tuple[int, ...] | None = None  # blocks per stage, overrides the arch's depth
-    channels: tuple[int, ...] | None = None  # per-stage base widths (timm `channels`), for small profiles
-    block: Literal["basic", "bottleneck"] | None = None  # override the arch's block type
-    num_classes: int = Field(1000, gt=1)  # classifier outputs; must match the data set
-    in_chans: int = Field(3, gt=0)  # input channels
-    small_stem: bool = False  # 3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs
-    stride_in_1x1: bool = False  # stride in the first 1x1 of downsampling bottlenecks (original ResNet)
-    zero_init_last: bool = False  # timm's zero-init of each block's last BN (the paper: off; it would
-    #                               hand standard SE all-zero inputs at initialisation)
+    arch: str = Field(
+        "resnet50", description="timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)")
+    layers: tuple[int, ...] | None = Field(None, description="blocks per stage, overrides the arch's depth")
+    channels: tuple[int, ...] | None = Field(
+        None, description="per-stage base widths (timm `channels`), for small profiles")
+    block: Literal["basic", "bottleneck"] | None = Field(None, description="override the arch's block type")
+    num_classes: int = Field(1000, gt=1, description="classifier outputs; must match the data set")
+    in_chans: int = Field(3, gt=0, description="input channels")
+    small_stem: bool = Field(
+        False, description="3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs")
+    stride_in_1x1: bool = Field(
+        False, description="stride in the first 1x1 of downsampling bottlenecks (original ResNet)")
+    zero_init_last: bool = Field(
+        False, description=(
+            "timm's zero-init of each block's last BN (the paper: off; it would hand standard SE all-zero inputs "
+            "at initialisation)"))
 
     @model_validator(mode="after")
     def _stage_lists_agree(self) -> BackboneSpec:
@@ -105,9 +116,11 @@ class BackboneSpec(Frozen):
 class Setting(Frozen):
     """One row of an ablation table: a label, an SE spec (None = no SE) and backbone overrides."""
 
-    label: str = Field(min_length=1)  # the paper's row label, e.g. "r=16", "SE-PRE", "ResNet-50"
-    se: SESpec | None = SESpec()  # None: the plain backbone (the table's reference row)
-    backbone: dict[str, Any] = Field(default_factory=dict)  # overrides of the profile's backbone keys
+    label: str = Field(
+        min_length=1, description='the row label, as in the paper: "r=16", "SE-PRE", "ResNet-50"')
+    se: SESpec | None = Field(SESpec(), description="None: the plain backbone (the table's reference row)")
+    backbone: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the profile's backbone keys")
 
     @field_validator("label")
     @classmethod
@@ -126,13 +139,14 @@ class Setting(Frozen):
 class Sweep(Frozen):
     """One ablation axis: an ordered list of settings, trained `seeds` times each."""
 
-    name: str  # study name prefix; defaults to the file's stem
-    description: str = ""  # one paragraph shown in tables and the dashboard
-    table: int | None = None  # the paper's table number this sweep reproduces (None: a sweep of your own)
-    reference: str | None = None  # label of the row deltas are measured against
-    seeds: int = Field(3, gt=0, le=MAX_SEEDS)  # default seeds per setting
-    settings: tuple[Setting, ...] = Field(min_length=1)  # rows, in the paper's order
-    path: str | None = None  # where it was loaded from (not a YAML key)
+    name: str = Field(description="study name prefix; defaults to the file's stem")
+    description: str = Field("", description="one paragraph shown in tables and the dashboard")
+    table: int | None = Field(
+        None, description="the paper's table number this sweep reproduces (None: a sweep of your own)")
+    reference: str | None = Field(None, description="label of the row deltas are measured against")
+    seeds: int = Field(3, gt=0, le=MAX_SEEDS, description="default seeds per setting")
+    settings: tuple[Setting, ...] = Field(min_length=1, description="rows, in the paper's order")
+    path: str | None = Field(None, description="where it was loaded from (not a YAML key)")
 
     @field_validator("name")
     @classmethod
@@ -178,58 +192,74 @@ def _check_tables(tables: tuple[int, ...]) -> tuple[int, ...]:
 class DataSpec(Frozen):
     """Where images come from and how they are shaped."""
 
-    dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"] = "digits"
-    root: str | None = None  # data root for cifar10/cifar100/imagefolder (--data-root)
-    download: bool = False  # let torchvision download CIFAR where the network allows
-    input_size: int = Field(32, gt=0)  # square input side the model sees
-    batch_size: int = Field(128, gt=0)  # global training batch
-    eval_batch_size: int = Field(512, gt=0)  # evaluation batch
-    workers: int = Field(4, ge=0)  # DataLoader workers (imagefolder only; in-memory sets need none)
-    decode: Literal["cpu", "gpu"] = "cpu"  # imagefolder JPEGs: cpu (PIL in workers) | gpu (nvJPEG, CUDA only)
-    synthetic_size: int = Field(2048, gt=0)  # synthetic: training images (val is a quarter)
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: held-out stratified fraction
-    crop_padding: int | None = Field(None, ge=0)  # in-memory sets: pad-and-crop pixels (None: input_size//8)
-    hflip: bool = True  # random horizontal flip in training (off for digits: a mirrored 2 is no 2)
+    dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"] = Field(
+        "digits", description="the images: scikit-learn's digits, synthetic, CIFAR-10/100 (--data-root), or "
+                              "an ImageNet-style folder (--data-root: train/<class>/*, val/<class>/*)")
+    root: str | None = Field(None, description="data root for cifar10/cifar100/imagefolder (--data-root)")
+    download: bool = Field(False, description="let torchvision download CIFAR where the network allows")
+    input_size: int = Field(32, gt=0, description="square input side the model sees")
+    batch_size: int = Field(128, gt=0, description="global training batch")
+    eval_batch_size: int = Field(512, gt=0, description="evaluation batch")
+    workers: int = Field(
+        4, ge=0, description="DataLoader workers (imagefolder only; in-memory sets need none)")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="imagefolder JPEGs: cpu (PIL in workers) | gpu (nvJPEG, CUDA only)")
+    synthetic_size: int = Field(2048, gt=0, description="synthetic: training images (val is a quarter)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="digits: held-out stratified fraction")
+    crop_padding: int | None = Field(
+        None, ge=0, description="in-memory sets: pad-and-crop pixels (None: input_size//8)")
+    hflip: bool = Field(
+        True, description="random horizontal flip in training (off for digits: a mirrored 2 is no 2)")
 
 
 class TrainSpec(Frozen):
     """The optimisation recipe."""
 
-    epochs: int = Field(10, gt=0)  # passes over the training set
-    lr: float = Field(0.1, gt=0)  # peak learning rate for the global batch
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
-    nesterov: bool = False  # Nesterov momentum
-    weight_decay: float = Field(1e-4, ge=0)  # L2 penalty
-    wd_skip_bn_bias: bool = True  # no weight decay on BN parameters and biases
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
-    schedule: Literal["step", "cosine", "constant", "plateau"] = "cosine"  # LR schedule after warmup
-    step_every: int = Field(30, gt=0)  # step schedule: decay every this many epochs (paper: 30)
-    step_gamma: float = Field(0.1, gt=0, le=1)  # step and plateau schedules: decay factor (paper: 0.1)
-    patience: int = Field(10, gt=0)  # plateau: epochs without validation-loss improvement before a cut
-    max_cuts: int = Field(3, ge=0)  # plateau: LR cuts; the plateau after the last one ends training
-    plateau_threshold: float = Field(1e-4, ge=0, lt=1)  # plateau: relative loss improvement that counts
-    #                                                    (torch ReduceLROnPlateau's default, mode rel)
-    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length
-    precise_bn: int = Field(0, ge=0)  # BN statistics recomputed over this many training batches before
-    #                                  each evaluation (pycls's precise BN); 0: the running averages
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # channels_last memory format (CUDA and CPU: faster for oneDNN convs too)
-    compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # deterministic algorithms (bitwise-repeatable on CPU)
-    threads: int | None = Field(None, gt=0)  # torch CPU threads (None: torch's default)
+    epochs: int = Field(10, gt=0, description="passes over the training set")
+    lr: float = Field(0.1, gt=0, description="peak learning rate for the global batch")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 penalty")
+    wd_skip_bn_bias: bool = Field(True, description="no weight decay on BN parameters and biases")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    schedule: Literal["step", "cosine", "constant", "plateau"] = Field(
+        "cosine", description="LR schedule after warmup")
+    step_every: int = Field(30, gt=0, description="step schedule: decay every this many epochs (paper: 30)")
+    step_gamma: float = Field(
+        0.1, gt=0, le=1, description="step and plateau schedules: decay factor (paper: 0.1)")
+    patience: int = Field(
+        10, gt=0, description="plateau: epochs without validation-loss improvement before a cut")
+    max_cuts: int = Field(
+        3, ge=0, description="plateau: LR cuts; the plateau after the last one ends training")
+    plateau_threshold: float = Field(
+        1e-4, ge=0, lt=1, description=(
+            "plateau: relative loss improvement that counts (torch ReduceLROnPlateau's default, mode rel)"))
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length")
+    precise_bn: int = Field(
+        0, ge=0, description=(
+            "BN statistics recomputed over this many training batches before each evaluation (pycls's precise "
+            "BN); 0: the running averages"))
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(
+        True, description="channels_last memory format (CUDA and CPU: faster for oneDNN convs too)")
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="deterministic algorithms (bitwise-repeatable on CPU)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
 
 
 class Profile(Frozen):
     """Backbone + data + recipe: where and how big a sweep runs (quick / cifar / paper)."""
 
-    name: str  # profile name (letters, digits, underscore); defaults to the file's stem
-    description: str = ""  # one line for --help and the README
-    comparable_tables: tuple[int, ...] = ()  # paper tables whose published numbers this recipe reproduces
-    #                                          (empty: compare ranks and directions only, not errors)
-    backbone: BackboneSpec = BackboneSpec()
-    data: DataSpec = DataSpec()
-    train: TrainSpec = TrainSpec()
-    path: str | None = None  # where it was loaded from (not a YAML key)
+    name: str = Field(description="profile name (letters, digits, underscore); defaults to the file's stem")
+    description: str = Field("", description="one line for --help and the README")
+    comparable_tables: tuple[int, ...] = Field(
+        (), description=(
+            "paper tables whose published numbers this recipe reproduces (empty: compare ranks and directions "
+            "only, not errors)"))
+    backbone: BackboneSpec = Field(BackboneSpec(), description="the network every setting starts from")
+    data: DataSpec = Field(DataSpec(), description="where images come from and how they are shaped")
+    train: TrainSpec = Field(TrainSpec(), description="the optimisation recipe")
+    path: str | None = Field(None, description="where it was loaded from (not a YAML key)")
 
     @field_validator("name")
     @classmethod
@@ -248,14 +278,14 @@ class Profile(Frozen):
 class RunConfig(Frozen):
     """Everything one trial needs: resolved profile + setting + seed. Written as config.yaml."""
 
-    sweep: str  # sweep name ("" for a single `ablate train`)
-    profile: str  # profile name
-    setting: str  # setting label
-    seed: int = Field(ge=0)  # RNG seed
-    se: SESpec | None  # None: no SE
-    backbone: BackboneSpec
-    data: DataSpec
-    train: TrainSpec
+    sweep: str = Field(description='sweep name ("" for a single `ablate train`)')
+    profile: str = Field(description="profile name")
+    setting: str = Field(description="setting label")
+    seed: int = Field(ge=0, description="RNG seed")
+    se: SESpec | None = Field(description="None: no SE")
+    backbone: BackboneSpec = Field(description="the profile's backbone with the setting's overrides")
+    data: DataSpec = Field(description="the profile's data")
+    train: TrainSpec = Field(description="the profile's recipe")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
