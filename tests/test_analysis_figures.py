@@ -121,6 +121,7 @@ def test_training_curves_average_the_seeds(results):
     np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
 
 
+@pytest.mark.slow
 def test_written_files_decode_at_the_expected_size(results, tmp_path, capsys):
     import shutil
 

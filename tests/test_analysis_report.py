@@ -16,6 +16,8 @@ from PIL import Image  # noqa: E402
 
 from ablations.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the report writes every table and figure first
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

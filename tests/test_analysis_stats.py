@@ -220,6 +220,7 @@ def test_verdict_needs_the_adjusted_p():
 errors = st.lists(st.floats(0, 100, allow_nan=False), min_size=0, max_size=6)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(rows=st.lists(st.tuples(errors, errors), min_size=1, max_size=5), paired=st.booleans())
 def test_verdict_is_never_better_or_worse_without_a_significant_adjusted_p(rows, paired):

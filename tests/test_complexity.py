@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -14,6 +15,7 @@ from ablations.spec import BackboneSpec, SESpec
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_paper_tables_match_published():
     """Every published params/GFLOPs of Tables 10, 13, 15, 16 at the paper's precision.
 

@@ -74,6 +74,7 @@ def test_note_saved_once_and_rewritten_when_it_changes(tmp_path):
     assert "new words" in get_note(study) and "5 seeds" in get_note(study)
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study_list_over_http_and_stops_on_sigterm(tmp_path, free_port):
     results = tmp_path / "results"
     storage = open_storage(url_of(results))

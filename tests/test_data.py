@@ -294,6 +294,7 @@ def test_a_trial_cannot_change_the_next_ones_digits():
     assert len(torch.unique(second.train_y)) == 10
 
 
+@pytest.mark.slow
 def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     """`_digits` reads the file scikit-learn ships (its import costs every worker 1-2 s); what it reads
     must be exactly `load_digits()`, and the fallback through scikit-learn must give the same."""
@@ -593,6 +594,7 @@ def test_decode_batch_falls_back_and_names_what_it_cannot_read(tmp_path):
     assert ft.probe_decoder(torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_crop_params_are_torchvisions_drawn_from_the_seed_alone():
     """The box and flip depend on (seed, size) only and leave torch's generator alone; over many seeds
     the boxes are distributed as torchvision's RandomResizedCrop draws them; an image too elongated for
@@ -677,6 +679,7 @@ def test_shared_memory_failures_become_one_line(tmp_path, monkeypatch, failure):
     assert "--shm-size" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_real_small_dev_shm(tmp_path):
     """On a real 1 MB /dev/shm (a private mount namespace; needs root): refused before the workers start,
     and, with that check skipped, torch's own failure mid-epoch comes out as the one line."""

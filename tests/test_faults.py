@@ -98,6 +98,7 @@ def one_error_line(stderr: str) -> str:
 # Dead and hung workers
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_restart_completes_each_point_once(url, tmp_path):
     results = tmp_path / "results"
     plans = make_plans(write_sweep(tmp_path, seeds=2))
@@ -122,6 +123,7 @@ def test_kill_9_mid_epoch_then_restart_completes_each_point_once(url, tmp_path):
     assert len(starts) == 2 and starts[1] >= 1  # the restart resumed from the killed run's checkpoint
 
 
+@pytest.mark.slow
 def test_hung_worker_is_retried_after_the_grace_period(url, tmp_path, monkeypatch):
     monkeypatch.setenv("ABLATE_HEARTBEAT_S", "0.3")
     monkeypatch.setenv("ABLATE_GRACE_S", "3")
@@ -152,6 +154,7 @@ def test_hung_worker_is_retried_after_the_grace_period(url, tmp_path, monkeypatc
     assert len(done) == 1 and done[0].user_attrs["resumed_epochs"] >= 1
 
 
+@pytest.mark.slow
 def test_worker_that_wakes_up_after_its_retry_stops_and_nothing_is_done_twice(tmp_path, monkeypatch):
     monkeypatch.setenv("ABLATE_HEARTBEAT_S", "0.3")
     monkeypatch.setenv("ABLATE_GRACE_S", "3")
@@ -243,6 +246,7 @@ def test_no_readable_checkpoint_restarts_the_trial_with_a_warning(tmp_path, capf
     assert final.top1_err == reference.top1_err and final.val_loss == reference.val_loss
 
 
+@pytest.mark.slow
 def test_sweep_with_a_corrupt_checkpoint_completes_instead_of_failing(tmp_path, capfd):
     results = tmp_path / "results"
     url = storage_url.resolve(results, None)
@@ -278,6 +282,7 @@ def tmpfs(path: Path, options: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow
 def test_read_only_results_dir_is_one_line_and_claims_nothing(tmp_path):
     url = storage_url.resolve(tmp_path / "db", None)
     plans = make_plans(write_sweep(tmp_path, seeds=1))
@@ -354,6 +359,7 @@ def test_unreachable_storage_retries_with_backoff_then_one_line_exit_2():
     assert elapsed >= 1.5
 
 
+@pytest.mark.slow
 def test_worker_rides_out_a_database_restart(tmp_path, pg_server, monkeypatch):
     monkeypatch.setenv("ABLATE_STORAGE_ATTEMPTS", "8")
     monkeypatch.setenv("ABLATE_STORAGE_BACKOFF_S", "0.5")

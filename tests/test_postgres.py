@@ -23,6 +23,8 @@ from optuna.trial import TrialState
 from ablations.storage import grid_lock, open_storage
 from ablations.storage_url import resolve
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and several processes per test
+
 
 def test_grid_lock_excludes_other_processes(pg_url):
     url = resolve(".", pg_url)

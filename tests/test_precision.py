@@ -144,6 +144,7 @@ def rule_holds(results: Path, sweep: Path, precision: float, max_seeds: int) -> 
     return seeds, record["rounds"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)  # fake trials take milliseconds
 def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
     results, sweep = tmp_path / "results", write_sweep(tmp_path, seeds=2)

@@ -464,6 +464,7 @@ def _modules_at_start(queue) -> None:
     queue.put({name: name in sys.modules for name in ("timm", "ablations.data", "ablations.train")})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="no fork server on this platform")
 def test_workers_start_with_torch_timm_and_the_trainer_imported():
     """Workers are forked from a server that imported them once (seconds each), not spawned bare."""
@@ -484,6 +485,7 @@ def _run_in_process(plans, results: str, workers: int, epoch_s: str) -> None:
                            bars=False))
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_complete_every_point_exactly_once(tmp_path, results):
     ctx = mp.get_context("spawn")
     plans = make_plans(write_sweep(tmp_path), seeds=4)  # validated once here: children skip torch
@@ -499,6 +501,7 @@ def test_two_runs_at_once_complete_every_point_exactly_once(tmp_path, results):
     assert all(len(calls(d)) == 1 for d in (results / "quick" / "mini").glob("*/seed*"))
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_path, results):
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_run_in_process, args=(make_plans(write_sweep(tmp_path), seeds=4), str(results), 2,
@@ -543,6 +546,7 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
 # Exit: `ablate` skips the interpreter's teardown (cli.exit_fast), not what a normal exit does
 
 
+@pytest.mark.slow
 def test_cli_exit_leaves_every_write_in_the_db_file_and_prints_everything(tmp_path, results):
     """SQLite's write-ahead log must be folded into optuna.db at exit: the .db alone, copied without
     optuna.db-wal, holds everything written. Reading (`ablate status`) must not leave the log either."""

@@ -73,6 +73,7 @@ def test_profile_override_types():
     assert (p.train.epochs, p.data.batch_size, p.backbone.small_stem) == (3, 32, False)
 
 
+@pytest.mark.slow
 def test_cli_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["r_too_big"][0])

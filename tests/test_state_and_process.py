@@ -52,7 +52,8 @@ def test_the_seed_limit_holds_for_sweep_files_too(tmp_path):
 # Study creation
 
 
-@pytest.mark.parametrize("written", [0, 5, len(grid.CREATION_ATTRS) - 1])
+@pytest.mark.parametrize("written", [pytest.param(0, marks=pytest.mark.slow), 5,
+                                     pytest.param(len(grid.CREATION_ATTRS) - 1, marks=pytest.mark.slow)])
 def test_a_study_whose_creation_was_killed_is_completed_by_the_next_run(written, tmp_path):
     """Optuna writes a study's attrs one at a time; a kill after `written` of them left a study every
     later `ablate run` used to fail on with KeyError."""
