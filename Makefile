@@ -26,8 +26,9 @@ RUN_OPTS = --profile $(PROFILE) --seeds $(SEEDS) --workers $(WORKERS) --results-
 	$(if $(DEVICES),--devices $(DEVICES)) $(if $(STORAGE),--storage $(STORAGE)) \
 	$(if $(PRECISION),--precision $(PRECISION)) $(if $(MAX_SEEDS),--max-seeds $(MAX_SEEDS))
 AXES = ratio squeeze excitation stages integration se3x3 nosqueeze
+BEYOND = attention families   # other attention modules, other timm families (not in `make ablations`)
 
-.PHONY: install test lint ablations $(addprefix ablation-,$(AXES)) dashboard status tables figures \
+.PHONY: install test lint ablations $(addprefix ablation-,$(AXES) $(BEYOND)) dashboard status tables figures \
 	notebooks report bench clean
 
 install: $(STAMP)
@@ -51,7 +52,7 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
-$(addprefix ablation-,$(AXES)): ablation-%: install
+$(addprefix ablation-,$(AXES) $(BEYOND)): ablation-%: install
 	$(ABLATE) run $* $(RUN_OPTS)
 
 ablations: install

@@ -51,26 +51,43 @@ def cli_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) -> list[dict]:
-    """One row per setting: exact params/MACs, the paper's precision, and the published values."""
+def _count(cfg):
+    """Params and MACs of one row, counted on the meta device (shapes only: no memory, no init time); a
+    plug-in that cannot run there is counted on real CPU tensors."""
     import torch
 
     from ablations.complexity import complexity
-    from ablations.paper import published_row
     from ablations.patch import build_model
+    from ablations.spec import PLUGIN
+
+    plugin = cfg.se is not None and PLUGIN.fullmatch(cfg.se.attention)
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = build_model(cfg.backbone, cfg.se)
+            return complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
+        except SpecError:
+            raise
+        except Exception:  # noqa: BLE001 - only a plug-in gets its second try, on the CPU
+            if not plugin or device == "cpu":
+                raise
+    raise AssertionError("unreachable")
+
+
+def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) -> list[dict]:
+    """One row per setting: exact params/MACs, the paper's precision, and the published values."""
+    from ablations.paper import published_for
 
     sweep = load_sweep(sweep_name)
     profile = load_profile(profile_name, overrides)
     rows = []
     for i, setting in enumerate(sweep.settings):
         cfg = run_config(profile, setting, seed=0, sweep=sweep.name)
-        try:  # counting needs shapes only: build on the meta device (no memory, no init time)
-            with torch.device("meta"):
-                model = build_model(cfg.backbone, cfg.se)
+        try:
+            c = _count(cfg)
         except SpecError as e:
             raise e.within(sweep.path, f"settings[{i}]") from None
-        c = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
-        paper = published_row(sweep.table, setting.label)
+        paper = published_for(sweep, setting.label)
         rows.append({
             "setting": setting.label,
             "params_m": round(c.params_m, 1),  # the paper's precision

@@ -2,9 +2,10 @@
 
 The paper's "GFLOPs" are multiply-accumulates of one image at the profile's input size, counting SE's
 pooling and scaling. torch's FlopCounterMode counts convolutions and matrix products (2 FLOPs per
-MAC); what it misses for SE (the pooling and the channel-wise scaling, C*H*W each) is added from the
-SE modules themselves. BN, ReLU, the residual addition and the stem/head pooling are not counted,
-as in the paper.
+MAC); what it misses in an attention block (pooling, channel-wise or spatial scaling) is added per
+block from `attention.extra_macs`: the module's own `macs_beyond_convs` (the paper's SE, a plug-in that
+declares it) or the closed form of a timm module. BN, ReLU, softmax, the residual addition and the
+stem/head pooling are not counted, as in the paper.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablations.se import SEModule
+from ablations.attention import attention_blocks, check_shape, extra_macs
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,17 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
-    """MACs of one forward pass on a 1 x in_chans x input_size x input_size image."""
-    se_macs = 0
+    """MACs of one forward pass on a 1 x in_chans x input_size x input_size image.
 
-    def hook(module: SEModule, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        nonlocal se_macs
-        se_macs += module.macs_beyond_convs(inputs[0].shape)
+    Raises SpecError when an attention block changes the shape of its input."""
+    missed = 0
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SEModule)]
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal missed
+        check_shape(module, inputs, output)
+        missed += extra_macs(module, inputs[0].shape)
+
+    handles = [m.register_forward_hook(hook) for m in attention_blocks(model).values()]
     was_training = model.training
     model.eval()
     try:
@@ -54,7 +58,7 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
         x = torch.zeros(1, in_chans, input_size, input_size, device=param.device, dtype=param.dtype)
         with FlopCounterMode(display=False) as counter:
             model(x)
-        return counter.get_total_flops() // 2 + se_macs
+        return counter.get_total_flops() // 2 + missed
     finally:
         for h in handles:
             h.remove()

@@ -42,12 +42,15 @@ class Dist:
 
     def sync_batchnorm(self, model: nn.Module, dev: torch.device) -> nn.Module:
         """BN statistics over the global batch, as on one device (torch's SyncBatchNorm has no CPU
-        kernels: CPU ranks get CpuSyncBatchNorm below)."""
+        kernels: CPU ranks get CpuSyncBatchNorm below). timm's converter keeps the activation of its
+        BatchNormAct2d layers (EfficientNet, MobileNetV3, RegNet), which torch's would drop."""
         if self.world_size == 1:
             return model
         if dev.type == "cpu":
             return sync_batchnorm_cpu(model)
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
 
     def wrap(self, model: nn.Module, dev: torch.device) -> nn.Module:
         """The network the training loop steps: DDP (gradients all-reduced in backward) on several ranks."""
@@ -116,12 +119,25 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                              self.momentum)
 
 
+class CpuSyncBatchNormAct(CpuSyncBatchNorm):
+    """timm's BatchNormAct2d (EfficientNet, MobileNetV3, RegNet, CBAM): the synchronised BN, then its own
+    drop and activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
 def sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
     """`module` with every BatchNorm2d made a CpuSyncBatchNorm sharing its parameters and buffers (same
     state-dict keys, so checkpoints move freely between one process and several)."""
+    from timm.layers import BatchNormAct2d
+
     if isinstance(module, nn.BatchNorm2d):
-        new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        norm_act = isinstance(module, BatchNormAct2d)
+        new = (CpuSyncBatchNormAct if norm_act else CpuSyncBatchNorm)(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if norm_act:
+            new.drop, new.act = module.drop, module.act
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:

@@ -115,16 +115,21 @@ CREATION_ATTRS = ("sweep", "profile", "table", "description", "reference", "sett
 
 
 def _what_trains(sweep_spec: dict[str, Any], profile_spec: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a spec that change results (labels, SE, backbone, data, recipe), not the prose.
+    """The parts of a spec that change results (labels, attention, backbone, data, recipe), not the prose
+    (descriptions, a row's published numbers).
 
-    The profile is re-validated first, so a study stored before a recipe key existed compares equal to
-    the same recipe today (the new key at its default)."""
+    Both specs are re-validated first, so a study stored before a key existed compares equal to the same
+    sweep and recipe today (the new key at its default). Each row's backbone is compared as resolved
+    (`run_config`): a profile's `families` section changes only the rows of those families."""
     try:
-        profile_spec = Profile.model_validate(profile_spec).model_dump(mode="json", exclude={"path"})
-    except ValueError:  # a spec this version cannot read: compare it as stored (it will differ)
-        pass
-    return {"settings": sweep_spec["settings"],
-            **{k: profile_spec[k] for k in ("backbone", "data", "train")}}
+        sweep, profile = Sweep.model_validate(sweep_spec), Profile.model_validate(profile_spec)
+        backbones = [run_config(profile, s, 0).backbone.model_dump(mode="json") for s in sweep.settings]
+    except (ValueError, SpecError):  # a spec this version cannot read: compare it as stored
+        return {"settings": sweep_spec["settings"],
+                **{k: profile_spec.get(k) for k in ("backbone", "data", "train")}}
+    profile_spec = profile.model_dump(mode="json", exclude={"path"})
+    return {"settings": [s.model_dump(mode="json", exclude={"published"}) for s in sweep.settings],
+            "backbones": backbones, **{k: profile_spec[k] for k in ("backbone", "data", "train")}}
 
 
 def open_study(storage: optuna.storages.RDBStorage, plan: Plan) -> optuna.Study:

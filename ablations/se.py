@@ -51,6 +51,7 @@ class SEModule(nn.Module):
             raise SpecError(f"unknown gate {gate!r} (known: {', '.join(GATES)})", key="gate")
         hidden = hidden_width(channels, reduction)
         self.channels, self.reduction, self.squeeze, self.name = channels, reduction, squeeze, name
+        self.attention_name, self.attention_channels = name, channels  # what attention.attention_blocks reads
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)

@@ -34,6 +34,13 @@ STAGES = (2, 3, 4, 5)  # the paper's conv2_x..conv5_x = timm layer1..layer4
 POSITIONS = ("standard", "pre", "post", "identity", "3x3")
 MAX_SEEDS = 1000  # seeds per setting, from any source (sweep file, --seeds, a study's attrs): the grid
 #                   and every status of it are held in memory
+ATTENTION_NAMES = ("se", "eca", "cbam", "gc", "ge", "timm")  # ablations/attention.py builds them
+PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:Class, a researcher's module
+SE_ONLY = ("reduction", "squeeze", "gate", "bias")  # keys only the paper's SE has
+
+
+def se_only_message(attention: str) -> str:
+    return f"an SE-only key; attention {attention!r} takes its options in attention_args"
 
 
 class Frozen(BaseModel):
@@ -50,8 +57,16 @@ class Frozen(BaseModel):
 
 
 class SESpec(Frozen):
-    """One SE configuration (paper Sec. 6). Defaults are the paper's standard SE-ResNet block."""
+    """One attention-block configuration. Defaults are the paper's standard SE-ResNet block (Sec. 6).
 
+    `attention` picks the module (ablations/attention.py): the paper's SE, one of timm's, the model's own
+    (`timm`) or a researcher's `package.module:Class`. `position` and `stages` apply to every module; the
+    SE-only keys (reduction, squeeze, gate, bias) only to SE, the others take `attention_args`.
+    """
+
+    attention: str = Field("se", description="se | eca | cbam | gc | ge | timm | package.module:Class")
+    attention_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a non-SE module")
     reduction: int = Field(16, gt=0, description="r: hidden width is exactly C // r (at least 1; r <= C)")
     squeeze: Literal["avg", "max", "none"] = Field(
         "avg", description="global avg / global max pooling; none = NoSqueeze")
@@ -62,6 +77,34 @@ class SESpec(Frozen):
     stages: tuple[Literal[2, 3, 4, 5], ...] = Field(
         STAGES, description='stages holding SE ("all" = 2..5, Table 13)')
     bias: bool = Field(False, description="FC bias; the paper's ablation parameter counts are weights only")
+
+    @field_validator("attention")
+    @classmethod
+    def _known_attention(cls, v: str) -> str:
+        if v not in ATTENTION_NAMES and not PLUGIN.fullmatch(v):
+            raise ValueError(f"unknown attention module (known: {', '.join(ATTENTION_NAMES)}, "
+                             "or package.module:Class)")
+        return v
+
+    @field_validator("attention_args")
+    @classmethod
+    def _args_for_other_modules(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        attention = info.data.get("attention", "se")
+        if v and attention in ("se", "timm"):
+            raise ValueError("the paper's SE takes its options as keys of the setting (reduction, squeeze, "
+                             "gate, bias)" if attention == "se" else
+                             "`attention: timm` keeps the model's own module as timm built it")
+        if not all(isinstance(k, str) and k.isidentifier() for k in v):
+            raise ValueError(f"keys must be keyword-argument names (got {sorted(map(str, v))})")
+        return v
+
+    @field_validator(*SE_ONLY)
+    @classmethod
+    def _se_only(cls, v: Any, info: ValidationInfo) -> Any:
+        attention = info.data.get("attention", "se")
+        if attention != "se" and v != cls.model_fields[info.field_name].default:
+            raise ValueError(se_only_message(attention))
+        return v
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -83,10 +126,16 @@ class SESpec(Frozen):
 
 
 class BackboneSpec(Frozen):
-    """A timm ResNet-family backbone plus the paper-faithful options timm lacks."""
+    """A timm backbone plus the paper-faithful options timm lacks.
+
+    ResNet family (resnet*, resnext*, wide_resnet*) and, with an attention slot, EfficientNet,
+    MobileNetV3 and RegNet (ablations/families.py). `layers`, `channels`, `block` and `stride_in_1x1`
+    are ResNet options; `width` is the others' way to be small.
+    """
 
     arch: str = Field(
-        "resnet50", description="timm model name of the ResNet family (resnet18..152, resnext50_32x4d, ...)")
+        "resnet50", description=(
+            "timm model name (resnet18..152, resnext50_32x4d, efficientnet_b0, regnety_002, ...)"))
     layers: tuple[int, ...] | None = Field(None, description="blocks per stage, overrides the arch's depth")
     channels: tuple[int, ...] | None = Field(
         None, description="per-stage base widths (timm `channels`), for small profiles")
@@ -94,7 +143,13 @@ class BackboneSpec(Frozen):
     num_classes: int = Field(1000, gt=1, description="classifier outputs; must match the data set")
     in_chans: int = Field(3, gt=0, description="input channels")
     small_stem: bool = Field(
-        False, description="3x3 stride-1 stem conv and no max-pool, for 32x32-sized inputs")
+        False, description=(
+            "no downsampling before stage 3 (total stride 8), for 32x32-sized inputs: ResNet: 3x3 stride-1 stem "
+            "conv, no max-pool; other families: stride-1 stem and stage 2 (families.py)"))
+    width: float | None = Field(
+        None, gt=0, description=(
+            "channel multiplier of EfficientNet/MobileNetV3/RegNet (None: the arch's own widths); ResNets have "
+            "`channels` instead"))
     stride_in_1x1: bool = Field(
         False, description="stride in the first 1x1 of downsampling bottlenecks (original ResNet)")
     zero_init_last: bool = Field(
@@ -113,14 +168,28 @@ class BackboneSpec(Frozen):
         return self
 
 
+class Published(Frozen):
+    """Numbers a row's source published (ImageNet unless the source says otherwise), with the citation."""
+
+    top1_err: float | None = Field(None, description="top-1 error (%)")
+    top5_err: float | None = Field(None, description="top-5 error (%)")
+    params_m: float | None = Field(None, description="parameters (millions)")
+    gflops: float | None = Field(
+        None, description="multiply-accumulates (billions) at the source's input size")
+    source: str = Field(min_length=1, description="paper and table, and where the numbers were read")
+
+
 class Setting(Frozen):
     """One row of an ablation table: a label, an SE spec (None = no SE) and backbone overrides."""
 
-    label: str = Field(
-        min_length=1, description='the row label, as in the paper: "r=16", "SE-PRE", "ResNet-50"')
+    label: str = Field(min_length=1, description='the row label, as in the paper: "r=16", "SE-PRE", "ResNet-50"')
     se: SESpec | None = Field(SESpec(), description="None: the plain backbone (the table's reference row)")
     backbone: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the profile's backbone keys")
+    published: Published | None = Field(
+        None, description=(
+            "this row's published numbers and their source (sweeps of no paper table); None: the paper's table, "
+            "if the sweep names one"))
 
     @field_validator("label")
     @classmethod
@@ -257,9 +326,22 @@ class Profile(Frozen):
             "paper tables whose published numbers this recipe reproduces (empty: compare ranks and directions "
             "only, not errors)"))
     backbone: BackboneSpec = Field(BackboneSpec(), description="the network every setting starts from")
+    families: dict[Literal["efficientnet", "mobilenetv3", "regnet"], dict[str, Any]] = Field(
+        default_factory=dict, description=(
+            "backbone keys for rows whose arch is of that family (they have no ResNet `channels`, so each "
+            "profile says how small they run: e.g. `width`)"))
     data: DataSpec = Field(DataSpec(), description="where images come from and how they are shaped")
     train: TrainSpec = Field(TrainSpec(), description="the optimisation recipe")
     path: str | None = Field(None, description="where it was loaded from (not a YAML key)")
+
+    @field_validator("families")
+    @classmethod
+    def _backbone_keys(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for family, keys in v.items():
+            unknown = sorted(set(keys) - set(BackboneSpec.model_fields))
+            if unknown:
+                raise ValueError(f"{family}.{unknown[0]}: unknown backbone key")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -344,7 +426,8 @@ def _resolve(name_or_path: str | Path, directory: Path, kind: str) -> Path:
 
 
 def _setting_from_yaml(raw: Any) -> dict[str, Any]:
-    """`{label, se: false}` or `{label, <SE keys...>, backbone: {...}}` -> Setting fields."""
+    """`{label, se: false}` or `{label, <attention and SE keys...>, backbone: {...}, published: {...}}`
+    -> Setting fields."""
     if not isinstance(raw, dict):
         raise SpecError("each setting must be a mapping with a label")
     raw = dict(raw)
@@ -353,14 +436,19 @@ def _setting_from_yaml(raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"label": raw.pop("label")}
     if not isinstance(out["label"], str):  # a flow list or mapping; scalars are kept as written
         raise SpecError(f"must be text (got {type(out['label']).__name__}); quote it", key="label")
-    if "backbone" in raw:
-        out["backbone"] = raw.pop("backbone")
+    for key in ("backbone", "published"):
+        if key in raw:
+            out[key] = raw.pop(key)
     enabled = raw.pop("se", True)
     if enabled is False:
         if raw:
             raise SpecError("SE keys given but `se: false`", key=str(sorted(raw, key=str)[0]))
         out["se"] = None
     elif enabled is True:
+        attention = raw.get("attention", "se")
+        given = [k for k in SE_ONLY if k in raw]
+        if attention != "se" and isinstance(attention, str) and given:  # even at SE's default value
+            raise SpecError(se_only_message(attention), key=given[0])
         out["se"] = raw
     else:
         raise SpecError(f"must be true or false (got {enabled!r})", key="se")
@@ -436,11 +524,21 @@ def load_profile(name_or_path: str | Path, overrides: list[str] | tuple[str, ...
         raise from_validation_error(e, source) from None
 
 
+def setting_backbone(profile: Profile, setting: Setting) -> dict[str, Any]:
+    """The profile's backbone keys with the setting's overrides (a row of another timm family: see
+    `families.family_backbone`), as a dict to validate."""
+    keys = {**profile.backbone.model_dump(), **setting.backbone}
+    if keys["arch"] == profile.backbone.arch and not profile.families:
+        return keys
+    from ablations.families import family_backbone  # imports timm: only where a family can differ
+
+    return family_backbone(profile, setting, keys)
+
+
 def run_config(profile: Profile, setting: Setting, seed: int, sweep: str = "") -> RunConfig:
     """Resolve one trial: the profile's backbone with the setting's overrides, the setting's SE."""
-    backbone = profile.backbone.model_copy(update=setting.backbone)
-    try:  # re-validate: model_copy does not
-        backbone = BackboneSpec.model_validate(backbone.model_dump())
+    try:
+        backbone = BackboneSpec.model_validate(setting_backbone(profile, setting))
     except ValidationError as e:
         raise from_validation_error(e, profile.path or profile.name, "backbone") from None
     return RunConfig(

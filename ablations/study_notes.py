@@ -10,7 +10,7 @@ import hashlib
 import optuna
 
 from ablations.grid import Plan
-from ablations.paper import published_row
+from ablations.paper import own_sources, published_for
 
 OBJECTIVE = "top1_err (%)"
 NOTE_DIGEST = "ablations:note_sha1"  # study system attr: the digest of the note last saved
@@ -36,17 +36,24 @@ def study_note(plan: Plan) -> str:
     if sweep.reference:
         lines.append(f"Differences are measured against `{sweep.reference}`; `ablate table {sweep.name}` "
                      "tests them (95% CI, Holm-adjusted p, minimum detectable effect, verdict).")
-    lines += ["", "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
-    if sweep.table is None:
+    own = own_sources(sweep)
+    lines += ["", "### Published (each row's source, cited in the sweep file; ImageNet)" if own else
+              "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
+    if sweep.table is None and not own:
         lines.append("This sweep reproduces no table of the paper.")
     else:
-        lines += ["| setting | top-1 err (%) | top-5 err (%) | GFLOPs | params (M) |",
-                  "|---|---:|---:|---:|---:|"]
-        for label in plan.labels:
-            p = published_row(sweep.table, label)
-            lines.append(f"| {label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
-                         f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |")
-    if sweep.table is not None and sweep.table not in profile.comparable_tables:
+        lines += ["| setting | top-1 err (%) | top-5 err (%) | GFLOPs | params (M) |" + (" source |" if own else ""),
+                  "|---|---:|---:|---:|---:|" + ("---|" if own else "")]
+        for setting in sweep.settings:
+            p = published_for(sweep, setting.label)
+            source = f" {setting.published.source if setting.published else '-'} |" if own else ""
+            lines.append(f"| {setting.label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
+                         f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |{source}")
+    if own:
+        lines += ["", "The published column is ImageNet with each source's own recipe; the "
+                      f"`{profile.name}` profile compares how the settings rank and differ, not the absolute "
+                      "errors."]
+    elif sweep.table is not None and sweep.table not in profile.comparable_tables:
         lines += ["", "The published column is ImageNet with the paper's Sec. 6 recipe; the "
                       f"`{profile.name}` profile compares how the settings rank and differ, "
                       "not the absolute errors."]

@@ -32,20 +32,20 @@ N_CLASSES = 4  # the paper's Fig. 6 shows four classes
 SATURATION = 0.9
 CHANNELS_EXPECTED = "expected a positive number of channels or 'all'"
 SUMMARY_COLUMNS = ["block", "stage", "index", "departure", "class_spread", "saturated"]
-_BLOCK = re.compile(r"^SE_(\d+)_(\d+)$")
+_BLOCK = re.compile(r"^(.+)_(\d+)_(\d+)$")  # <MODULE>_<stage>_<index>: SE_2_3, CBAM_5_1, MyGate_4_6
 
 
 def block_position(block: str) -> tuple[int, int] | None:
-    """(stage, index) of a block named SE_<stage>_<index>; None for any other name."""
+    """(stage, index) of a block named <MODULE>_<stage>_<index> (SE_2_3, ECA_4_6, ...); None otherwise."""
     m = _BLOCK.match(block)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    return (int(m.group(2)), int(m.group(3))) if m else None
 
 
 def select_blocks(blocks: list[str]) -> list[str]:
     """The paper's Fig. 6 blocks for any depth: the last block of stages 2, 3 and 4 and every block of
     stage 5. On ResNet-50 (3-4-6-3) that is exactly SE_2_3, SE_3_4, SE_4_6, SE_5_1, SE_5_2, SE_5_3.
-    Stages without SE (e.g. the per-stage sweep) are skipped; names outside the SE_i_j scheme keep
-    their last six blocks."""
+    Stages without blocks (e.g. the per-stage sweep) are skipped; names outside the <MODULE>_i_j scheme
+    keep their last six blocks."""
     parsed = [(b, block_position(b)) for b in blocks]
     if not blocks or any(p is None for _, p in parsed):
         return blocks[-6:]
@@ -95,8 +95,8 @@ def sample_channels(n_channels: int, channels: int | str = FIG6_CHANNELS, seed: 
 def block_summary(exc: load.Excitations) -> pd.DataFrame:
     """One row per SE block in depth order, columns `SUMMARY_COLUMNS` (see the module docstring).
 
-    stage and index come from the SE_<stage>_<index> name (nullable, <NA> for other names, which keep
-    network order)."""
+    stage and index come from the <MODULE>_<stage>_<index> name (nullable, <NA> for other names, which
+    keep network order)."""
     rows = []
     for block in exc.blocks:
         m = np.asarray(exc.mean[block], dtype=float)  # [classes x channels]

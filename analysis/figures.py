@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ablations import rundir
 from ablations.atomic import write_atomic
+from ablations.paper import own_sources
 from ablations.spec import SESpec, Sweep
 from analysis import excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
@@ -192,7 +193,7 @@ def fig_class_specificity(summary: pd.DataFrame, title: str | None = None) -> Fi
 
 
 def _stage_boundaries(ax, order: pd.DataFrame) -> None:
-    """A dotted line between stages and the stage's name above its blocks (names outside SE_i_j: none)."""
+    """A dotted line between stages and the stage's name above its blocks (names outside <MODULE>_i_j: none)."""
     stages = order["stage"].tolist()
     if any(pd.isna(s) for s in stages):
         return
@@ -286,7 +287,8 @@ def table_plot(table: Table) -> Figure:
         ax.set_ylabel("top-1 error (%)")
         if paper:
             axes[1].scatter(x, r["paper_top1"], s=46, c=colors, marker="D", zorder=3)
-            axes[1].set_title("paper (ImageNet, SE-ResNet-50)")
+            axes[1].set_title("published (ImageNet, each row's source)" if own_sources(table.sweep)
+                              else "paper (ImageNet, SE-ResNet-50)")
             axes[1].set_ylabel("top-1 error (%)")
         for a in axes:
             a.set_xticks(x, [f"{s}\n(ref)" if ref else s for s, ref in zip(r["setting"], r["reference"])])

@@ -188,7 +188,7 @@ class Excitations:
     """One run's excitations.npz: per block, [classes x channels] mean and std of the gate over images."""
 
     run_dir: Path
-    blocks: list[str]  # network order, e.g. SE_2_1 ... SE_5_3; empty for a model without SE
+    blocks: list[str]  # network order, e.g. SE_2_1 ... SE_5_3 (<MODULE>_<stage>_<block>); empty without any
     classes: np.ndarray  # class ids, one per row of every mean/std array
     counts: np.ndarray  # images per class behind each row
     mean: dict[str, np.ndarray]

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from helpers import PROFILE, RATIO, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -16,7 +17,7 @@ from PIL import Image  # noqa: E402
 from ablations.cli import main  # noqa: E402
 from ablations.spec import load_sweep  # noqa: E402
 from analysis import excitations, figures, load  # noqa: E402
-from analysis.tables import load_table  # noqa: E402
+from analysis.tables import build_table, load_table  # noqa: E402
 
 PAPER_BLOCKS = ["SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"]
 
@@ -101,6 +102,14 @@ def test_table_plot_shows_table_means_and_paper_values(results):
     assert sorted(seeds) == pytest.approx(sorted(table.runs["top1_err"]))
     np.testing.assert_allclose(paper.collections[0].get_offsets()[:, 1], table.rows["paper_top1"])
     assert [t.get_text().split("\n")[0] for t in ours.get_xticklabels()] == list(RATIO)
+
+
+def test_table_plot_of_a_sweep_with_its_own_sources_says_so():
+    table = build_table(pd.DataFrame(columns=list(load.COLUMNS)), load_sweep("attention"), PROFILE)
+    _, published = figures.table_plot(table).axes
+    assert published.get_title() == "published (ImageNet, each row's source)"
+    np.testing.assert_allclose(published.collections[0].get_offsets()[:, 1],
+                               table.rows["paper_top1"], equal_nan=True)  # ECA-Net's 22.52 among them
 
 
 def test_training_curves_average_the_seeds(results):

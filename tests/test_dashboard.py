@@ -56,6 +56,15 @@ def test_note_says_published_errors_compare_only_for_the_papers_recipe():
     assert "not the absolute errors" in study_notes.study_note(ratio_plan(profile="paper_sec5"))  # Tables 2-5
 
 
+def test_note_of_a_sweep_with_its_own_sources():
+    note = study_notes.study_note(ratio_plan(sweep="attention", profile="paper"))
+    assert note.startswith("## Sweep attention (attention), profile `paper`")
+    assert "### Published (each row's source, cited in the sweep file; ImageNet)" in note
+    assert "| ECA | 22.52 | 6.32 | 3.86 | 24.4 | ECA-Net (Wang et al., CVPR 2020)" in note
+    assert "| GC | – | – | – | – | - |" in note  # no source read: empty, not guessed
+    assert "reproduces no table" not in note and "each source's own recipe" in note
+
+
 def test_note_saved_once_and_rewritten_when_it_changes(tmp_path):
     from optuna_dashboard import get_note
 

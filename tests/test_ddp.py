@@ -21,7 +21,7 @@ from helpers import ablate, load_study, tiny_cfg, write_sweep
 
 from ablations import ddp, devices
 from ablations.data import InMemoryData, load_data
-from ablations.distributed import CpuSyncBatchNorm, Dist, sync_batchnorm_cpu
+from ablations.distributed import CpuSyncBatchNorm, CpuSyncBatchNormAct, Dist, sync_batchnorm_cpu
 from ablations.errors import SpecError, TrialFailed
 from ablations.spec import RunConfig
 from ablations.train import evaluate, train
@@ -191,3 +191,21 @@ def test_ablate_run_with_nproc_per_node_records_the_ddp_trial_in_optuna(tmp_path
     run_dir = Path(trial.user_attrs["run_dir"])
     assert trial.value == json.loads((run_dir / "final.json").read_text())["top1_err"]
     assert not [p for p in os.listdir(run_dir) if "rank" in p]
+
+
+def test_cpu_sync_batchnorm_keeps_timms_bn_activation(one_rank_group):
+    """timm's BatchNormAct2d (EfficientNet's BN + SiLU) stays BN + SiLU once synchronised, on CPU and
+    (timm's converter) for SyncBatchNorm on GPUs."""
+    from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=torch.nn.SiLU))
+    synced = sync_batchnorm_cpu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3),
+                                                        BatchNormAct2d(8, act_layer=torch.nn.SiLU)))
+    synced.load_state_dict(plain.state_dict())
+    assert isinstance(synced[1], CpuSyncBatchNormAct) and set(synced.state_dict()) == set(plain.state_dict())
+    x = torch.randn(6, 3, 9, 9)
+    torch.testing.assert_close(synced(x), plain(x))  # training mode: batch statistics, then SiLU
+    assert (plain(x) < 0).any()  # SiLU, not ReLU or nothing: the comparison sees the activation
+    gpu_form = convert_sync_batchnorm(torch.nn.Sequential(BatchNormAct2d(8, act_layer=torch.nn.SiLU)))
+    assert isinstance(gpu_form[0].act, torch.nn.SiLU)

@@ -19,18 +19,20 @@ pytestmark = pytest.mark.slow  # 150 examples each: tens of seconds
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="ablate-fuzz-"))  # one directory for every example (no fixtures)
 
-SE_KEYS = ("reduction", "squeeze", "gate", "position", "stages", "bias", "se", "backbone", "label")
+SE_KEYS = ("reduction", "squeeze", "gate", "position", "stages", "bias", "se", "backbone", "label", "attention",
+           "attention_args", "published")
 SWEEP_KEYS = ("name", "description", "table", "reference", "seeds", "settings")
-PROFILE_KEYS = ("name", "description", "comparable_tables", "backbone", "data", "train")
+PROFILE_KEYS = ("name", "description", "comparable_tables", "backbone", "families", "data", "train")
 SECTION_KEYS = {
-    "backbone": ("arch", "layers", "channels", "block", "num_classes", "in_chans", "small_stem"),
+    "backbone": ("arch", "layers", "channels", "block", "num_classes", "in_chans", "small_stem", "width"),
     "data": ("dataset", "root", "input_size", "batch_size", "val_fraction", "crop_padding"),
     "train": ("epochs", "lr", "momentum", "schedule", "warmup_epochs", "threads"),
 }
 
 scalars = (st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
            | st.text(max_size=30) | st.sampled_from(["all", "avg", "max", "none", "sigmoid", "relu", "3x3",
-                                                    "digits", "cifar10", "../x", "/tmp/x", "r=16", ".."]))
+                                                    "digits", "cifar10", "../x", "/tmp/x", "r=16", "..", "eca", "timm",
+                                                    "pkg.mod:Cls", "efficientnet", "source"]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=12)
 

@@ -30,6 +30,33 @@ CASES = {
     "se_false_with_keys": ("settings:\n  - {label: a, se: false, reduction: 4}\n", "settings[0].reduction"),
     "seeds": ("seeds: 0\nsettings:\n  - {label: a}\n", "seeds"),
     "reference": ("reference: zzz\nsettings:\n  - {label: a}\n", "reference"),
+    # beyond SE (tests/plugin_modules.py holds the plug-ins)
+    "attention_unknown": ("settings:\n  - {label: a, attention: sk}\n",
+                          "settings[0].attention: unknown attention module"),
+    "plugin_import": ("settings:\n  - {label: a, attention: 'no_such_pkg.gates:Gate'}\n",
+                      "settings[0].attention: cannot import 'no_such_pkg.gates' (ModuleNotFoundError"),
+    "plugin_class": ("settings:\n  - {label: a, attention: 'plugin_modules:Gate'}\n",
+                     "settings[0].attention: 'plugin_modules' has no class 'Gate'"),
+    "plugin_shape": ("settings:\n  - {label: a, attention: 'plugin_modules:Halves'}\n",
+                     "settings[0].attention: Halves_2_1: forward maps (1, 256, 56, 56) to (1, 128, 56, 56)"),
+    "plugin_args": ("settings:\n  - {label: a, attention: 'plugin_modules:NeedsWidth', attention_args: {w: 1}}\n",
+                    "settings[0].attention_args: plugin_modules:NeedsWidth(256, w=1) failed: TypeError"),
+    "se_only_key": ("settings:\n  - {label: a, attention: cbam, reduction: 8}\n",
+                    "settings[0].reduction: an SE-only key; attention 'cbam' takes its options in attention_args"),
+    "se_only_default": ("settings:\n  - {label: a, attention: eca, gate: sigmoid}\n",
+                        "settings[0].gate: an SE-only key"),
+    "se_args": ("settings:\n  - {label: a, attention_args: {k: 3}}\n",
+                "settings[0].attention_args: the paper's SE takes its options as keys of the setting"),
+    "no_slot": ("settings:\n  - {label: a, attention: eca, backbone: {arch: efficientnet_lite0}}\n",
+                "settings[0].attention: EfficientNet model has no attention slot"),
+    "no_slot_family": ("settings:\n  - {label: a, backbone: {arch: vit_tiny_patch16_224}}\n",
+                       "settings[0].attention: vit_tiny_patch16_224 has no attention slot"),
+    "timm_on_resnet": ("settings:\n  - {label: a, attention: timm}\n",
+                       "settings[0].attention: a plain ResNet has no attention module of its own"),
+    "family_position": ("settings:\n  - {label: a, attention: timm, position: pre, backbone: {arch: regnety_002}}\n",
+                        "settings[0].position: RegNet has one attention slot per block"),
+    "published_source": ("settings:\n  - {label: a, published: {top1_err: 22.5}}\n",
+                         "settings[0].published.source: Field required"),
 }
 
 
@@ -106,3 +133,23 @@ def test_paper_profiles_keep_the_two_recipes_apart():
     t = sec5.train
     assert (t.schedule, t.lr, t.step_every, t.epochs, sec5.data.batch_size) == ("step", 0.6, 30, 100, 1024)
     assert ablations.backbone == sec5.backbone and ablations.backbone.stride_in_1x1
+
+
+def test_bad_plugin_stops_ablate_run_before_anything_is_created(tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(CASES["plugin_shape"][0])
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and "settings[0].attention: Halves_2_1" in err
+    assert not results.exists()
+
+
+def test_plugin_import_error_prints_no_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(CASES["plugin_import"][0])
+    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert "settings[0].attention: cannot import 'no_such_pkg.gates'" in proc.stderr
