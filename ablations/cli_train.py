@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ablations.devices import is_group
 from ablations.errors import SpecError, TrialFailed
-from ablations.spec import SESpec, Setting, load_profile, load_sweep, run_config
+from ablations.schema import SESpec, Setting
+from ablations.spec import load_profile, load_sweep, run_config
 
 DEFAULT_LABEL = "SE r=16"
 
@@ -58,7 +59,7 @@ def _count(cfg):
 
     from ablations.complexity import complexity
     from ablations.patch import build_model
-    from ablations.spec import PLUGIN
+    from ablations.schema import PLUGIN
 
     plugin = cfg.se is not None and PLUGIN.fullmatch(cfg.se.attention)
     for device in ("meta", "cpu"):
@@ -76,8 +77,6 @@ def _count(cfg):
 
 def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) -> list[dict]:
     """One row per setting: exact params/MACs, the paper's precision, and the published values."""
-    from ablations.paper import published_for
-
     sweep = load_sweep(sweep_name)
     profile = load_profile(profile_name, overrides)
     rows = []
@@ -87,7 +86,7 @@ def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) ->
             c = _count(cfg)
         except SpecError as e:
             raise e.within(sweep.path, f"settings[{i}]") from None
-        paper = published_for(sweep, setting.label)
+        paper = sweep.published_numbers(setting.label)
         rows.append({
             "setting": setting.label,
             "params_m": round(c.params_m, 1),  # the paper's precision

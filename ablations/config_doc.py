@@ -1,6 +1,6 @@
 """A profile as YAML, each key followed by its description as a comment: what `ablate config` prints.
 
-The descriptions are the schema's own (`Field(description=...)` in spec.py), the one place a key is
+The descriptions are the schema's own (`Field(description=...)` in schema.py), the one place a key is
 documented; the values are the effective ones, `--set` overrides applied. The output is a valid profile
 file: `yaml.safe_load` reads it back to the same values.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from ablations.spec import Profile
+from ablations.schema import Profile
 
 INDENT = "  "
 NOT_KEYS = {"path"}  # fields that say where a spec came from, not what it is

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ablations.batches import Batch, TrialData, seed_for
 from ablations.errors import SpecError
-from ablations.spec import DataSpec, RunConfig
+from ablations.schema import DataSpec, RunConfig
 from ablations.stride import check_input_size
 
 SPLIT_SEED = 0  # digits' train/val split: fixed, so every trial and seed sees the same validation set

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ablations.errors import SpecError
-from ablations.spec import DataSpec, Profile, RunConfig, Setting, Sweep, run_config
+from ablations.schema import DataSpec, Profile, RunConfig, Setting, Sweep
+from ablations.spec import run_config
 
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # fixed by the data set itself
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}

@@ -37,7 +37,7 @@ from ablations.bundled import ROOT
 from ablations.devices import parse_group
 from ablations.errors import TrialFailed
 from ablations.processes import die_with_parent, usable_cores
-from ablations.spec import RunConfig
+from ablations.schema import RunConfig
 
 POLL_S = 0.5  # how often the launcher looks for a new epoch in metrics.csv
 STOP_GRACE_S = 30  # after SIGTERM, how long torchrun gets to stop its ranks before SIGKILL

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from ablations import folder_transforms as ft
 from ablations.batches import Batch, seed_for
 from ablations.errors import SpecError
-from ablations.spec import DataSpec
+from ablations.schema import DataSpec
 
 TRAIN, VAL = 0, 1
 SPLITS = ("train", "val")

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from ablations import rundir
 from ablations.errors import SpecError
-from ablations.spec import MAX_SEEDS, Profile, RunConfig, Setting, Sweep, from_validation_error, run_config
+from ablations.schema import MAX_SEEDS, Profile, RunConfig, Setting, Sweep
+from ablations.spec import from_validation_error, run_config
 from ablations.storage import grid_lock
 from ablations.storage_url import shown
 from ablations.trials import grid_point

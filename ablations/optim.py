@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ablations.spec import TrainSpec
+from ablations.schema import TrainSpec
 
 
 def _flatten(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -12,7 +12,8 @@ from pathlib import Path
 from ablations.datacheck import check_plan_data
 from ablations.errors import SpecError
 from ablations.grid import Plan
-from ablations.spec import MAX_SEEDS, load_profile, load_sweep, run_config
+from ablations.schema import MAX_SEEDS
+from ablations.spec import load_profile, load_sweep, run_config
 
 
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:

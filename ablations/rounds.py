@@ -29,7 +29,7 @@ from ablations import resilience, supervisor, worker
 from ablations.errors import SpecError
 from ablations.grid import Plan
 from ablations.progress import print_table
-from ablations.spec import MAX_SEEDS
+from ablations.schema import MAX_SEEDS
 from ablations.storage import open_storage
 from analysis.precision import DEFAULT_MAX_SEEDS, Decision, decide
 

@@ -13,7 +13,7 @@ import torch
 
 from ablations.errors import SpecError
 from ablations.patch import build_backbone
-from ablations.spec import BackboneSpec, RunConfig
+from ablations.schema import BackboneSpec, RunConfig
 
 PROBE_SIDE = 1024  # input side of the shape-only pass: large enough for any ResNet's stride
 

@@ -10,7 +10,6 @@ import hashlib
 import optuna
 
 from ablations.grid import Plan
-from ablations.paper import own_sources, published_for
 
 OBJECTIVE = "top1_err (%)"
 NOTE_DIGEST = "ablations:note_sha1"  # study system attr: the digest of the note last saved
@@ -36,7 +35,7 @@ def study_note(plan: Plan) -> str:
     if sweep.reference:
         lines.append(f"Differences are measured against `{sweep.reference}`; `ablate table {sweep.name}` "
                      "tests them (95% CI, Holm-adjusted p, minimum detectable effect, verdict).")
-    own = own_sources(sweep)
+    own = sweep.has_own_sources
     lines += ["", "### Published (each row's source, cited in the sweep file; ImageNet)" if own else
               "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
     if sweep.table is None and not own:
@@ -45,7 +44,7 @@ def study_note(plan: Plan) -> str:
         lines += ["| setting | top-1 err (%) | top-5 err (%) | GFLOPs | params (M) |" + (" source |" if own else ""),
                   "|---|---:|---:|---:|---:|" + ("---|" if own else "")]
         for setting in sweep.settings:
-            p = published_for(sweep, setting.label)
+            p = sweep.published_numbers(setting.label)
             source = f" {setting.published.source if setting.published else '-'} |" if own else ""
             lines.append(f"| {setting.label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
                          f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |{source}")

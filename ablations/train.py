@@ -41,7 +41,8 @@ from ablations.optim import make_optimizer
 from ablations.patch import build_model
 from ablations.probe import probe_excitations, save_excitations
 from ablations.rng import rng_state, seed_all, set_rng_state
-from ablations.spec import RunConfig, TrainSpec, load_run_config
+from ablations.schema import RunConfig, TrainSpec
+from ablations.spec import load_run_config
 
 CHECKPOINT_FORMAT = 1
 NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync on a GPU

@@ -23,8 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ablations import rundir
 from ablations.atomic import write_atomic
-from ablations.paper import own_sources
-from ablations.spec import SESpec, Sweep
+from ablations.schema import SESpec, Sweep
 from analysis import excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
 
@@ -287,7 +286,7 @@ def table_plot(table: Table) -> Figure:
         ax.set_ylabel("top-1 error (%)")
         if paper:
             axes[1].scatter(x, r["paper_top1"], s=46, c=colors, marker="D", zorder=3)
-            axes[1].set_title("published (ImageNet, each row's source)" if own_sources(table.sweep)
+            axes[1].set_title("published (ImageNet, each row's source)" if table.sweep.has_own_sources
                               else "paper (ImageNet, SE-ResNet-50)")
             axes[1].set_ylabel("top-1 error (%)")
         for a in axes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ablations import rundir
 from ablations.atomic import write_atomic
-from ablations.spec import Sweep
+from ablations.schema import Sweep
 from analysis.render import render
 from analysis.tables import Table, all_sweeps, load_table
 

@@ -22,8 +22,8 @@ import pandas as pd
 import yaml
 
 from ablations.errors import SpecError
-from ablations.paper import own_sources, published_for
-from ablations.spec import SWEEPS_DIR, Sweep, load_profile, load_sweep
+from ablations.schema import Sweep
+from ablations.spec import SWEEPS_DIR, load_profile, load_sweep
 from analysis import load, stats
 
 TOP5_MIN_CLASSES = 11  # top-5 error is shown from this many classes up
@@ -93,7 +93,7 @@ class Table:
     @property
     def recipe_note(self) -> str | None:
         """Why the published column is not an error to match, when this profile's recipe is not the paper's."""
-        if own_sources(self.sweep):
+        if self.sweep.has_own_sources:
             return ("The published column is ImageNet as each row's source in the sweep file reports it, "
                     f"each with its own recipe; profile {self.profile} compares ranks and directions only, "
                     "not errors.")
@@ -235,7 +235,7 @@ def build_table(trials: pd.DataFrame, sweep: Sweep, profile: str, study_attrs: d
             attempts = mine[(mine["setting"] == label) & (mine["seed"] == s)]
             missing.append(Missing(label, s, _why(attempts)))
         is_ref = label == sweep.reference
-        paper = published_for(sweep, label)
+        paper = sweep.published_numbers(label)
         row = {"setting": label, "reference": is_ref, "n": len(runs),
                "seeds": " ".join(str(s) for s in sorted(have))}
         for m, metric in metrics.items():

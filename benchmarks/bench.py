@@ -31,7 +31,8 @@ from machine import describe as machine  # noqa: E402
 
 from ablations.atomic import write_atomic  # noqa: E402
 from ablations.patch import build_model  # noqa: E402
-from ablations.spec import BackboneSpec, SESpec, load_profile  # noqa: E402
+from ablations.schema import BackboneSpec, SESpec  # noqa: E402
+from ablations.spec import load_profile  # noqa: E402
 
 VARIANTS = {  # label -> SE spec (None: ResNet-50)
     "ResNet-50": None,

@@ -53,7 +53,7 @@ def write_folder(root: Path, images: int, seed: int = 0) -> None:
 def time_trial(root: Path, workers: int, persistent: bool) -> tuple[int, float]:
     """(images, seconds) of 3 epochs and one evaluation, the data set built inside the timing."""
     from ablations.folder_data import FolderData
-    from ablations.spec import DataSpec
+    from ablations.schema import DataSpec
 
     spec = DataSpec(dataset="imagefolder", input_size=224, batch_size=64, eval_batch_size=64, workers=workers)
     t0 = time.perf_counter()

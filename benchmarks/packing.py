@@ -32,7 +32,8 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
     from ablations.devices import resolve_device
     from ablations.optim import make_optimizer
     from ablations.patch import build_model
-    from ablations.spec import SESpec, Setting, load_profile, run_config
+    from ablations.schema import SESpec, Setting
+    from ablations.spec import load_profile, run_config
     from ablations.train import autocast, torch_settings, train_epoch
 
     cfg = run_config(load_profile(args.profile, args.set), Setting(label="SE r=16", se=SESpec()), seed=0)

@@ -41,7 +41,8 @@ from ablations.data import load_data  # noqa: E402
 from ablations.devices import resolve_device  # noqa: E402
 from ablations.optim import make_optimizer  # noqa: E402
 from ablations.patch import build_model  # noqa: E402
-from ablations.spec import SESpec, Setting, load_profile, run_config  # noqa: E402
+from ablations.schema import SESpec, Setting  # noqa: E402
+from ablations.spec import load_profile, run_config
 from ablations.train import autocast, torch_settings, train_epoch  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from ablations import rundir, storage_url
 from ablations.errors import TrialFailed
 from ablations.grid import enqueue_missing, open_study
 from ablations.planning import plans_from_args
-from ablations.spec import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.schema import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
 from ablations.storage import grid_lock, open_storage
 from ablations.trials import grid_point
 

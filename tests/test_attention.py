@@ -20,7 +20,8 @@ from ablations.errors import SpecError
 from ablations.grid import _what_trains
 from ablations.patch import build_model, check_fits, se_blocks
 from ablations.probe import first_per_class, probe_excitations
-from ablations.spec import BackboneSpec, SESpec, load_profile, load_run_config, load_sweep, run_config
+from ablations.schema import BackboneSpec, SESpec
+from ablations.spec import load_profile, load_run_config, load_sweep, run_config
 from analysis import load
 from analysis.render import render
 from analysis.tables import build_table

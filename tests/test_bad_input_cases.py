@@ -11,7 +11,8 @@ import yaml
 
 from ablations import cli
 from ablations.errors import SpecError
-from ablations.spec import MAX_SEEDS, load_profile, load_sweep
+from ablations.schema import MAX_SEEDS
+from ablations.spec import load_profile, load_sweep
 
 ONE = "settings:\n  - {label: a, se: false}\n"
 

@@ -9,8 +9,8 @@ import torch
 from ablations.cli_train import complexity_rows
 from ablations.complexity import complexity
 from ablations.patch import build_model
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
 
 torch.set_num_threads(1)
 

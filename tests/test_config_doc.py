@@ -6,7 +6,8 @@ import yaml
 from pydantic import BaseModel
 
 from ablations import cli
-from ablations.spec import Profile, load_profile
+from ablations.schema import Profile
+from ablations.spec import load_profile
 
 OVERRIDES = ["train.epochs=3", "data.batch_size=32", "backbone.layers=[1,1,1,1]"]
 

@@ -17,7 +17,7 @@ from ablations.batches import seed_for
 from ablations.data import InMemoryData, crop_flip, load_data, stratified_split
 from ablations.errors import SpecError
 from ablations.folder_data import FolderData
-from ablations.spec import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.schema import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
 from ablations.stride import input_stride
 
 TINY = BackboneSpec(arch="resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True,
@@ -692,7 +692,7 @@ def test_a_real_small_dev_shm(tmp_path):
     code = tmp_path / "load.py"
     code.write_text(
         "import sys\nfrom pathlib import Path\nfrom ablations import folder_data\n"
-        "from ablations.errors import SpecError\nfrom ablations.spec import DataSpec\n"
+        "from ablations.errors import SpecError\nfrom ablations.schema import DataSpec\n"
         "if sys.argv[1] == 'skip-check':\n    folder_data.check_shm = lambda *a: None\n"
         "spec = DataSpec(dataset='imagefolder', input_size=224, batch_size=8, eval_batch_size=8, workers=2)\n"
         "try:\n    d = folder_data.FolderData(Path(sys.argv[2]), spec)\n"

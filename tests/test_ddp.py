@@ -23,7 +23,7 @@ from ablations import ddp, devices
 from ablations.data import InMemoryData, load_data
 from ablations.distributed import CpuSyncBatchNorm, CpuSyncBatchNormAct, Dist, sync_batchnorm_cpu
 from ablations.errors import SpecError, TrialFailed
-from ablations.spec import RunConfig
+from ablations.schema import RunConfig
 from ablations.train import evaluate, train
 
 # Observed on a 2-core CPU: 2 ranks vs 1 process agree to ~1e-6 relative after 3 epochs (float sums in

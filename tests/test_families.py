@@ -17,8 +17,9 @@ from ablations.cli import main
 from ablations.complexity import complexity
 from ablations.errors import SpecError
 from ablations.patch import build_model, se_blocks
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec, load_profile, load_sweep, run_config
+from ablations.spec import load_profile, load_sweep, run_config
 from ablations.stride import input_stride
 
 torch.set_num_threads(1)

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ablations.errors import SpecError
-from ablations.spec import Profile, Sweep, load_profile, load_sweep
+from ablations.schema import Profile, Sweep
+from ablations.spec import load_profile, load_sweep
 
 pytestmark = pytest.mark.slow  # 150 examples each: tens of seconds
 

@@ -17,7 +17,8 @@ from scipy.stats import ttest_rel
 from statsmodels.stats.power import TTestPower
 
 from ablations import cli, rounds, worker
-from ablations.spec import Setting, Sweep, load_sweep
+from ablations.schema import Setting, Sweep
+from ablations.spec import load_sweep
 from analysis.load import COLUMNS, load_trials
 from analysis.precision import decide, row_mdes
 

@@ -12,8 +12,8 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from ablations.complexity import complexity
 from ablations.errors import SpecError
 from ablations.patch import build_model, se_blocks
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
 
 torch.set_num_threads(1)
 

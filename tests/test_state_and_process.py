@@ -17,7 +17,7 @@ from helpers import FAKE, make_plans, url_of, write_sweep
 from ablations import atomic, cli, devices, grid, supervisor
 from ablations.errors import SpecError
 from ablations.progress import study_status
-from ablations.spec import MAX_SEEDS
+from ablations.schema import MAX_SEEDS
 from ablations.storage import grid_lock, open_storage
 from ablations.trials import grid_point
 
@@ -127,7 +127,7 @@ def test_atomic_writes_never_touch_the_umask(tmp_path, monkeypatch):
 
 
 def test_torch_settings_restores_tf32(tmp_path):
-    from ablations.spec import TrainSpec
+    from ablations.schema import TrainSpec
     from ablations.train import torch_settings
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

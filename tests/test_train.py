@@ -25,7 +25,8 @@ from ablations.optim import make_optimizer
 from ablations.patch import build_model
 from ablations.rundir import METRIC_COLUMNS
 from ablations.schedule import lr_at, plateau
-from ablations.spec import SESpec, TrainSpec, load_profile
+from ablations.schema import SESpec, TrainSpec
+from ablations.spec import load_profile
 from ablations.train import precise_bn, train
 
 FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
