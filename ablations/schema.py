@@ -9,7 +9,7 @@ becomes spec.py's one-line SpecError naming file and key).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -28,6 +28,13 @@ SE_ONLY = ("reduction", "squeeze", "gate", "bias")  # keys only the paper's SE h
 
 def se_only_message(attention: str) -> str:
     return f"an SE-only key; attention {attention!r} takes its options in attention_args"
+
+
+def _unless(problem: str | None, value: str) -> str:
+    """`value`, or the ValueError pydantic reports as this key's problem."""
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class Frozen(BaseModel):
@@ -181,10 +188,7 @@ class Setting(Frozen):
     @field_validator("label")
     @classmethod
     def _label_fits(cls, v: str) -> str:
-        problem = rundir.label_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
+        return _unless(rundir.label_problem(v), v)
 
     @property
     def slug(self) -> str:
@@ -192,8 +196,21 @@ class Setting(Frozen):
         return rundir.label_dir(self.label)
 
 
-class Sweep(Frozen):
+class NamedSpec(Frozen):
+    """A sweep or a profile: its `name` is a directory of the results layout (rundir.name_problem)."""
+
+    KIND: ClassVar[str]
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        return _unless(rundir.name_problem(v, cls.KIND), v)
+
+
+class Sweep(NamedSpec):
     """One ablation axis: an ordered list of settings, trained `seeds` times each."""
+
+    KIND = "sweep"
 
     name: str = Field(description="study name prefix; defaults to the file's stem")
     description: str = Field("", description="one paragraph shown in tables and the dashboard")
@@ -203,14 +220,6 @@ class Sweep(Frozen):
     seeds: int = Field(3, gt=0, le=MAX_SEEDS, description="default seeds per setting")
     settings: tuple[Setting, ...] = Field(min_length=1, description="rows, in the paper's order")
     path: str | None = Field(None, description="where it was loaded from (not a YAML key)")
-
-    @field_validator("name")
-    @classmethod
-    def _identifier(cls, v: str) -> str:
-        problem = rundir.name_problem(v, "sweep")
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @field_validator("table")
     @classmethod
@@ -314,8 +323,10 @@ class TrainSpec(Frozen):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
 
 
-class Profile(Frozen):
+class Profile(NamedSpec):
     """Backbone + data + recipe: where and how big a sweep runs (quick / cifar / paper)."""
+
+    KIND = "profile"
 
     name: str = Field(description="profile name (letters, digits, underscore); defaults to the file's stem")
     description: str = Field("", description="one line for --help and the README")
@@ -339,14 +350,6 @@ class Profile(Frozen):
             unknown = sorted(set(keys) - set(BackboneSpec.model_fields))
             if unknown:
                 raise ValueError(f"{family}.{unknown[0]}: unknown backbone key")
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _identifier(cls, v: str) -> str:
-        problem = rundir.name_problem(v, "profile")
-        if problem:
-            raise ValueError(problem)
         return v
 
     @field_validator("comparable_tables")
