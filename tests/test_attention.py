@@ -75,7 +75,7 @@ def test_params_equal_timm_block_args_model(name):
     assert count - plain == sum(n * module_params(name, c) for n, c, _ in RESNET50_MAPS)
 
 
-@pytest.mark.parametrize("name", TIMM_MODULES)
+@pytest.mark.parametrize("name", [TIMM_MODULES[0], *(pytest.param(n, marks=pytest.mark.slow) for n in TIMM_MODULES[1:])])
 def test_patched_model_is_numerically_timms(name):
     """resnet50 + <module> at the standard position == timm's resnet50(block_args={'attn_layer': ...}),
     same weights, in eval mode and in train mode (batch statistics, gradients)."""
@@ -166,6 +166,7 @@ def test_eca_macs():
         n * (eca_kernel(c) * c + 2 * c * h * h) for n, c, h in RESNET50_MAPS)
 
 
+@pytest.mark.slow
 def test_cbam_macs():
     # shared MLP on the avg- and max-pooled vectors (2 x 2 FCs of C*C/16), 7x7 conv on 2 maps, and
     # avg + max pooling + scaling (channel) and mean + max over channels + scaling (spatial): 6*C*H*W
@@ -173,6 +174,7 @@ def test_cbam_macs():
         n * (4 * c * (c // 16) + 2 * 49 * h * h + 6 * c * h * h) for n, c, h in RESNET50_MAPS)
 
 
+@pytest.mark.slow
 def test_gc_macs():
     # attention logits (1x1 conv C->1), attention pooling (C*H*W), MLP C->C/8->C, scaling
     assert added_macs(SESpec(attention="gc")) == sum(

@@ -128,7 +128,7 @@ def test_paper_se_in_the_slot_trains():
     assert all(m.fc1.weight.grad is not None for m in blocks.values())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [ARCHS[0], *(pytest.param(a, marks=pytest.mark.slow) for a in ARCHS[1:])])
 def test_small_stem_makes_the_total_stride_8(arch):
     assert input_stride(BackboneSpec(arch=arch)) == 32
     assert input_stride(BackboneSpec(arch=arch, small_stem=True)) == 8

@@ -166,6 +166,7 @@ def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
     assert last.startswith(f"mini-quick: {seeds} seeds; precision 3 reached")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_run_stops_at_max_seeds(tmp_path, fake, capsys):
     results, sweep = tmp_path / "results", write_sweep(tmp_path, seeds=2)

@@ -145,6 +145,7 @@ def test_bad_plugin_stops_ablate_run_before_anything_is_created(tmp_path, capsys
     assert not results.exists()
 
 
+@pytest.mark.slow
 def test_plugin_import_error_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["plugin_import"][0])
