@@ -259,7 +259,10 @@ def test_image_folder_with_workers(tmp_path):
     backbone = TINY.model_copy(update={"num_classes": 3})
     cfg = cfg_for(backbone, dataset="imagefolder", input_size=16, batch_size=2, workers=2)
     d = load_data(cfg, root=str(tmp_path))
-    ys = torch.cat([y for _, y in d.train_batches(epoch=1, seed=3)])
+    try:
+        ys = torch.cat([y for _, y in d.train_batches(epoch=1, seed=3)])
+    finally:
+        d.close()  # its workers live as long as the data set: left to the collector, they stall the next test
     assert sorted(ys.tolist()) == [0, 0, 1, 1, 2, 2]
 
 
