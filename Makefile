@@ -72,6 +72,7 @@ notebooks: install
 
 bench: install
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/render_benchmarks.py
 
 clean:
 	rm -rf .venv .stamp-system *.egg-info .pytest_cache

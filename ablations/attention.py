@@ -36,8 +36,8 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
 from ablations.errors import SpecError
+from ablations.schema import SESpec
 from ablations.se import SEModule
-from ablations.spec import SESpec
 
 TIMM_NAMES = ("eca", "cbam", "gc", "ge")  # timm's create_attn names this factory offers
 PREFIXES = {SEModule: "SE", TimmSEModule: "SE", SqueezeExcite: "SE", EcaModule: "ECA", CbamModule: "CBAM",

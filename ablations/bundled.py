@@ -11,6 +11,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout's top (site-packages in a wheel)
+
 
 def package_dir() -> Path:
     return Path(str(resources.files("ablations")))

@@ -1,6 +1,6 @@
 """A run directory's last two checkpoints, and resuming from the newest one that loads.
 
-Writes are atomic (runio.py), so a kill never tears a checkpoint; a disk, a copy or a sync tool still can.
+Writes are atomic (atomic.py), so a kill never tears a checkpoint; a disk, a copy or a sync tool still can.
 So the trainer keeps the previous epoch's checkpoint beside the newest one:
 
     checkpoint.pt        the last epoch's state
@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ablations.atomic import torch_save_atomic
 from ablations.errors import SpecError
-from ablations.runio import torch_save_atomic
+from ablations.rundir import CHECKPOINT as NAME
+from ablations.rundir import PREVIOUS_CHECKPOINT as PREVIOUS
 
-NAME = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
 REQUIRED = ("epoch", "step", "model", "optimizer", "rng", "metrics", "train_seconds")
 
 

@@ -1,19 +1,26 @@
-"""`ablate`: the command line. One subcommand per job; each parses its options and calls one function.
+"""`ablate`: the command line. One subcommand per job: this module parses the options and hands them to
+the command's handler, imported only when it runs (`ablate --help` stays fast):
 
-Bad input anywhere ends as one line `error: <file>: <key>: <message>` on stderr and exit status 2.
+    train, complexity, config                  cli_train.py   (a profile, no storage)
+    run, worker, status, dashboard, launch     cli_run.py     (studies in a storage)
+    table, tables, figures, notebooks, report  analysis/cli.py
+
+What a user can fix (errors.UserError) ends as one line `error: <source>: <key>: <message>` on stderr
+and exit status 2; a failed trial is exit status 1, Ctrl-C 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import sys
 import threading
 from typing import NoReturn
 
-from ablations.errors import SpecError
+from ablations.errors import UserError
+from ablations.options import check_dir_option
+from ablations.resilience import check_environment
 
 FORMATS = ("table", "csv", "json")
 
@@ -22,74 +29,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
-
-
-# --------------------------------------------------------------------------------------------------
-# complexity
-
-
-def _count(cfg):
-    """Params and MACs of one row, counted on the meta device (shapes only: no memory, no init time); a
-    plug-in that cannot run there is counted on real CPU tensors."""
-    import torch
-
-    from ablations.complexity import complexity
-    from ablations.patch import build_model
-    from ablations.spec import PLUGIN
-
-    plugin = cfg.se is not None and PLUGIN.fullmatch(cfg.se.attention)
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                model = build_model(cfg.backbone, cfg.se)
-            return complexity(model, cfg.data.input_size, cfg.backbone.in_chans)
-        except SpecError:
-            raise
-        except Exception:  # noqa: BLE001 - only a plug-in gets its second try, on the CPU
-            if not plugin or device == "cpu":
-                raise
-    raise AssertionError("unreachable")
-
-
-def complexity_rows(sweep_name: str, profile_name: str, overrides: list[str]) -> list[dict]:
-    """One row per setting: exact params/MACs, the paper's precision, and the published values."""
-    from ablations.paper import published_for
-    from ablations.spec import load_profile, load_sweep, run_config
-
-    sweep = load_sweep(sweep_name)
-    profile = load_profile(profile_name, overrides)
-    rows = []
-    for i, setting in enumerate(sweep.settings):
-        cfg = run_config(profile, setting, seed=0, sweep=sweep.name)
-        try:
-            c = _count(cfg)
-        except SpecError as e:
-            raise e.within(sweep.path, f"settings[{i}]") from None
-        paper = published_for(sweep, setting.label)
-        rows.append({
-            "setting": setting.label,
-            "params_m": round(c.params_m, 1),  # the paper's precision
-            "gflops": round(c.gflops, 2),
-            "paper_params_m": paper["params_m"],
-            "paper_gflops": paper["gflops"],
-            "params": c.params,  # exact
-            "macs": c.macs,
-        })
-    return rows
-
-
-def cmd_complexity(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    rows = complexity_rows(args.sweep, args.profile, args.set)
-    df = pd.DataFrame(rows)
-    if args.format == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    elif args.format == "json":
-        print(json.dumps(rows, indent=2))
-    else:
-        print(df.to_string(index=False, na_rep="-"))
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=FORMATS, default="table")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. data.input_size=160 (repeatable)")
-    c.set_defaults(func=cmd_complexity)
+
+    cf = sub.add_parser("config", help="the effective profile as YAML, each key with its description")
+    cf.add_argument("--profile", default="quick", help="profile name or YAML path (default: quick)")
+    cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a profile key, e.g. train.epochs=5 (repeatable)")
 
     def common(q: argparse.ArgumentParser, profile: str | None = "quick") -> None:
         if profile is not None:
@@ -128,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     overrides(t)
-    t.set_defaults(func=_lazy("ablations.train", "cli_train"))
 
     r = sub.add_parser("run", help="run whole sweeps (one Optuna study per sweep and profile)")
     r.add_argument("sweeps", nargs="+", help="sweep names or YAML paths")
@@ -143,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--devices", default=None, help="cpu or cuda:0,cuda:1,... (workers pinned round-robin)")
     r.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
     overrides(r)
-    r.set_defaults(func=_lazy("ablations.scheduler", "cli_run"))
 
     w = sub.add_parser("worker", help="join an existing study and train its pending trials")
     w.add_argument("--study", required=True, help="study name, <sweep>-<profile>")
@@ -151,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     w.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
     w.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder")
-    w.set_defaults(func=_lazy("ablations.scheduler", "cli_worker"))
 
     la = sub.add_parser("launch", help="queue sweeps and submit workers as a SLURM job array (submitit)")
     la.add_argument("sweeps", nargs="*", help="sweep names or YAML paths to queue (or --study)")
@@ -170,24 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--logs", default=None, help="submitit folder (default: <results-dir>/launch)")
     la.add_argument("--wait", action="store_true", help="wait for the jobs; exit 1 if a point did not complete")
     overrides(la)
-    la.set_defaults(func=_lazy("ablations.launch", "cli_launch"))
 
     st = sub.add_parser("status", help="every study's trial counts and ETA")
     common(st, profile=None)
-    st.set_defaults(func=_lazy("ablations.scheduler", "cli_status"))
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, bound to 127.0.0.1")
     common(d, profile=None)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
-    d.set_defaults(func=_lazy("ablations.dashboard", "cli_dashboard"))
 
     tb = sub.add_parser("table", help="print one paper table (mean +- std; delta vs the reference with CI, "
                                       "Holm p, MDE, verdict; paper numbers)")
     tb.add_argument("sweep", help="sweep name or YAML path")
     common(tb)
     tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")
-    tb.set_defaults(func=_lazy("analysis.cli", "cli_table"))
 
     for name, help_ in (("tables", "write every table that has results"),
                         ("figures", "draw Fig. 6/7, training curves and per-table plots"),
@@ -195,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
                         ("report", "one self-contained HTML report")):
         q = sub.add_parser(name, help=help_)
         common(q)
-        q.set_defaults(func=_lazy("analysis.cli", f"cli_{name}"))
         if name == "figures":
             q.add_argument("--channels", default="50", metavar="N|all",
                            help="channels per block in Fig. 6/7: a seeded uniform sample of N "
@@ -203,15 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lazy(module: str, function: str):
-    """Import the subcommand's module only when it runs (keeps `ablate --help` fast)."""
-
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(module), function)(args)
-
-    return run
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command's handler, `cli_<command>` in the module that holds it."""
+    if args.command in ("train", "complexity", "config"):
+        from ablations import cli_train as handlers
+    elif args.command in ("run", "worker", "status", "dashboard", "launch"):
+        from ablations import cli_run as handlers
+    else:
+        from analysis import cli as handlers
+    return getattr(handlers, f"cli_{args.command}")(args)
 
 
 DIR_OPTIONS = {"results_dir": "--results-dir", "out": "--out", "logs": "--logs"}
@@ -220,8 +155,6 @@ DIR_OPTIONS = {"results_dir": "--results-dir", "out": "--out", "logs": "--logs"}
 def check_dir_options(args: argparse.Namespace) -> None:
     """Directory options that cannot be directories (a file, or a path under one): one line now, not a
     traceback at the first write."""
-    from ablations.paths import check_dir_option
-
     for attr, option in DIR_OPTIONS.items():
         if getattr(args, attr, None) is not None:
             check_dir_option(getattr(args, attr), option)
@@ -230,9 +163,10 @@ def check_dir_options(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_environment()
         check_dir_options(args)
-        return args.func(args)
-    except SpecError as e:
+        return dispatch(args)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

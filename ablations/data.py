@@ -12,37 +12,28 @@ the training device:
   over uint8, or read JPEG bytes that the training device decodes (`data.decode: gpu`); normalisation
   happens on device.
 
-Everything random about an epoch (order and augmentation) is drawn from generators seeded by
-(seed, epoch[, rank]), never from a generator carried across epochs: an epoch looks the same whether
-the run was interrupted before it or not, which is what makes resumed runs bit-identical on CPU.
-Data order depends on (seed, epoch) only, so data-parallel ranks agree on it and take disjoint shards.
+Every epoch's randomness is seeded by (seed, epoch[, rank]) (batches.py). Data order depends on
+(seed, epoch) only, so data-parallel ranks agree on it and take disjoint shards.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ablations.batches import Batch, TrialData, seed_for
 from ablations.errors import SpecError
-from ablations.spec import BackboneSpec, DataSpec, RunConfig
-
-if TYPE_CHECKING:
-    from ablations.folder_data import FolderData
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+from ablations.schema import DataSpec, RunConfig
+from ablations.stride import check_input_size
 
 SPLIT_SEED = 0  # digits' train/val split: fixed, so every trial and seed sees the same validation set
 SYNTHETIC_SEED = 1234  # synthetic images: fixed, the data set is part of the profile, not of the trial
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 # name -> (folder, train files, test files, label key, meta file, class-name key, classes)
 CIFAR = {
@@ -50,12 +41,6 @@ CIFAR = {
                 "labels", "batches.meta", "label_names", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names", 100),
 }
-
-
-def seed_for(*parts: int) -> int:
-    """A well-mixed 63-bit seed from small integers (seed, epoch, rank): neighbouring epochs or
-    seeds must not give correlated streams, which `seed + epoch` would."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,34 +287,6 @@ def load_cifar(name: str, root: Path, download: bool) -> tuple[tuple[torch.Tenso
 # Entry point
 
 
-def input_stride(backbone: BackboneSpec) -> int:
-    """The backbone's total downsampling factor, measured by a shape-only pass on the meta device.
-
-    SE blocks never change a shape, so the plain backbone answers for every setting of a sweep.
-    """
-    return _input_stride(backbone.model_dump_json())
-
-
-@functools.lru_cache(maxsize=64)  # per process: every trial of a worker shares its sweep's backbone
-def _input_stride(backbone_json: str) -> int:
-    from ablations.patch import build_backbone
-
-    backbone = BackboneSpec.model_validate_json(backbone_json)
-    with torch.device("meta"):
-        model = build_backbone(backbone).eval()
-        probe = 1024
-        out = model.forward_features(torch.empty(1, backbone.in_chans, probe, probe))
-    return math.ceil(probe / out.shape[-1])
-
-
-def check_input_size(cfg: RunConfig) -> None:
-    """Inputs smaller than the total stride leave the last stage less than one real pixel."""
-    stride = input_stride(cfg.backbone)
-    if cfg.data.input_size < stride:
-        raise SpecError(f"{cfg.data.input_size} is too small for this backbone (total stride {stride}; "
-                        f"need at least {stride})", key="data.input_size")
-
-
 def _check_classes(dataset: str, found: int, cfg: RunConfig) -> None:
     if found != cfg.backbone.num_classes:
         raise SpecError(f"{dataset} has {found} classes but backbone.num_classes is "
@@ -353,7 +310,7 @@ def check_decode_device(spec: DataSpec, device: str | torch.device) -> None:
 
 def load_data(cfg: RunConfig, *, device: str | torch.device = "cpu", root: str | Path | None = None,
               memory_format: torch.memory_format = torch.contiguous_format,
-              rank: int = 0, world_size: int = 1) -> InMemoryData | FolderData:
+              rank: int = 0, world_size: int = 1) -> TrialData:
     """The trial's data set on `device`. `root` (--data-root) overrides `data.root`."""
     spec = cfg.data
     check_input_size(cfg)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ablations.errors import SpecError
-from ablations.spec import DataSpec, Profile, RunConfig, Setting, Sweep, run_config
+from ablations.schema import DataSpec, Profile, RunConfig, Setting, Sweep
+from ablations.spec import run_config
 
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # fixed by the data set itself
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -96,7 +97,7 @@ def check_plan_data(sweep: Sweep, profile: Profile, data_root: str | None, profi
                     nproc: int = 1) -> None:
     """Every setting of `sweep` against the profile's data: classes, input channels and size, batch.
     `profile_source` names the profile in errors (its file, and whether --set changed it)."""
-    from ablations.data import check_input_size
+    from ablations.stride import check_input_size
 
     spec = profile.data
     data = facts(spec, data_root, profile_source)

@@ -38,8 +38,8 @@ from torch import nn
 
 from ablations import attention
 from ablations.errors import SpecError
+from ablations.schema import BackboneSpec, Profile, SESpec, Setting
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, Profile, SESpec, Setting
 
 SUPPORTED = "EfficientNet, MobileNetV3, RegNet"
 MODULE_FAMILIES = {"resnet": "resnet", "efficientnet": "efficientnet", "mobilenetv3": "mobilenetv3",

@@ -35,15 +35,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ablations import folder_transforms as ft
-from ablations.data import IMAGENET_MEAN, IMAGENET_STD, Batch, seed_for
+from ablations.batches import Batch, seed_for
 from ablations.errors import SpecError
-from ablations.spec import DataSpec
+from ablations.schema import DataSpec
 
 TRAIN, VAL = 0, 1
 SPLITS = ("train", "val")
 SHM = Path("/dev/shm")
 PREFETCH = 2  # batches each worker prepares ahead (DataLoader's default prefetch_factor)
 Key = tuple[int, int, int]  # (split, index in the split's file list, augmentation seed)
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 # --------------------------------------------------------------------------------------------------

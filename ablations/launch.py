@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablations import paths
+from ablations import storage_url
+from ablations.bundled import ROOT
 from ablations.errors import SpecError
-from ablations.spec import ROOT
 from ablations.storage_url import shown
 
 SIGNAL_DELAY_S = 120  # SLURM's warning before a preemption/time-limit kill: an epoch boundary is not needed
@@ -55,9 +55,9 @@ class SlurmWorker(Checkpointable):
     index: int = 0
 
     def __call__(self) -> dict[str, int]:
-        import optuna
-
-        from ablations import studies, worker
+        from ablations import worker
+        from ablations.grid import plan_from_attrs, point_states
+        from ablations.storage import load_named_study, open_storage
 
         started = time.monotonic()
         url = os.environ.get(STORAGE_ENV)
@@ -77,12 +77,12 @@ class SlurmWorker(Checkpointable):
               f"in {shown(url)}", flush=True)
         worker.work(url, self.studies, results_dir=self.results_dir, device=self.device,
                     data_root=self.data_root, emit=emit)
-        storage = studies.open_storage(url)
+        storage = open_storage(url)
         counts: dict[str, int] = {}
         for name in self.studies:
-            study = optuna.load_study(study_name=name, storage=storage)
-            plan = studies.plan_from_attrs(name, study.user_attrs)
-            for state in studies.point_states(study.get_trials(deepcopy=False), plan.grid()).values():
+            study = load_named_study(storage, name)
+            plan = plan_from_attrs(name, study.user_attrs)
+            for state in point_states(study.get_trials(deepcopy=False), plan.grid()).values():
                 counts[state] = counts.get(state, 0) + 1
         print(f"[worker {self.index}] done after {time.monotonic() - started:.0f} s: {counts}", flush=True)
         return counts
@@ -141,76 +141,34 @@ def submit(executor: Any, workers: list[SlurmWorker], url: str) -> list[Any]:
     return jobs
 
 
-# ---------------------------------------------------------------------------------------------------
-# ablate launch
-
-
-def _check(args: argparse.Namespace) -> None:
-    if not args.slurm:
-        raise SpecError("SLURM is the only launcher: add --slurm (--executor local runs its jobs here)",
-                        source="launch")
-    for option, value, least in (("--array", args.array, 1), ("--time", args.time, 1),
-                                 ("--gpus-per-node", args.gpus_per_node, 0)):
-        if value < least:
-            raise SpecError(f"must be at least {least} (got {value})", source=option)
-    if not args.sweeps and not args.study:
-        raise SpecError("name the work: sweep files to queue, or --study NAME of an existing study",
-                        source="launch")
-
-
 def prepare(args: argparse.Namespace) -> tuple[str, list[str]]:
     """Open the storage, create/load the studies, recover and queue their grids (as `ablate run` does).
     Returns (storage URL, study names)."""
-    from ablations import studies
-    from ablations.scheduler import check_decode_devices, load_named_study, plans_from_args
+    from ablations import grid
+    from ablations.planning import check_decode_devices, plans_from_args
+    from ablations.recovery import recover
+    from ablations.storage import grid_lock, load_named_study, open_storage
+    from ablations.study_notes import save_study_note
 
     results_dir = Path(args.results_dir).resolve()  # jobs may start elsewhere
-    url = studies.storage_url(results_dir, args.storage)
-    if studies.sqlite_path(url) is not None and args.executor == "slurm":
+    url = storage_url.resolve(results_dir, args.storage)
+    if storage_url.sqlite_path(url) is not None and args.executor == "slurm":
         raise SpecError("SQLite cannot be shared by workers on several nodes (its locks do not hold on "
                         "network file systems); use postgresql://user@host/db", source="--storage",
                         key=shown(url))
     plans = plans_from_args(args) if args.sweeps else []
     check_decode_devices(plans, [task_device(args.gpus_per_node)])
-    storage = studies.open_storage(url)
-    loaded = [(studies.open_study(storage, plan), plan) for plan in plans]
+    storage = open_storage(url)
+    loaded = [(grid.open_study(storage, plan), plan) for plan in plans]
+    for study, plan in loaded:
+        save_study_note(storage, study, plan)
     for name in args.study:
         if any(s.study_name == name for s, _ in loaded):
             continue
         study = load_named_study(storage, name)
-        loaded.append((study, studies.plan_from_attrs(name, study.user_attrs, args.data_root)))
-    with studies.grid_lock(storage):
+        loaded.append((study, grid.plan_from_attrs(name, study.user_attrs, args.data_root)))
+    with grid_lock(storage):
         for study, plan in loaded:
-            studies.recover(storage, study)
-            studies.enqueue_missing(study, plan)
+            recover(storage, study)
+            grid.enqueue_missing(study, plan)
     return url, [study.study_name for study, _ in loaded]
-
-
-def cli_launch(args: argparse.Namespace) -> int:
-    _check(args)
-    results_dir = Path(args.results_dir).resolve()
-    folder = Path(args.logs).resolve() if args.logs else paths.launch_dir(results_dir)
-    # Before touching the storage: no SLURM here is the first thing to know.
-    executor = make_executor(args.executor, folder, array=args.array, name="ablate", time_min=args.time,
-                             gpus_per_node=args.gpus_per_node, partition=args.partition,
-                             cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
-    url, names = prepare(args)
-    executor.update_parameters(name=f"ablate-{names[0]}" if len(names) == 1 else f"ablate-{len(names)}-studies")
-    workers = [SlurmWorker(names, str(results_dir), task_device(args.gpus_per_node), args.data_root, i)
-               for i in range(args.array)]
-    jobs = submit(executor, workers, url)
-    print(f"submitted {len(jobs)} worker(s) for {', '.join(names)} ({args.executor}): "
-          f"{', '.join(j.job_id for j in jobs)}; logs in {folder}")
-    if not args.wait:
-        return 0
-    status = 0
-    for job in jobs:
-        try:
-            counts = job.result()
-        except Exception as e:  # noqa: BLE001 -- submitit re-raises the job's failure; report, don't crash
-            print(f"worker job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-            status = 1
-            continue
-        if counts.get("FAIL") or counts.get("MISSING"):
-            status = 1
-    return status

@@ -2,19 +2,16 @@
 
 Rows are keyed by (table, setting label) where the label is the sweep file's row label. A sweep that
 reproduces no table of the paper (sweeps/attention.yaml: other papers' modules) carries its rows'
-numbers itself, each with its source (`published:` on a setting); `published_for` reads either.
+numbers itself, each with its source (`published:` on a setting); `schema.Sweep.published_numbers`
+reads either.
 """
 
 from __future__ import annotations
 
 import csv
 from functools import cache
-from typing import TYPE_CHECKING
 
 from ablations.bundled import published_csv
-
-if TYPE_CHECKING:
-    from ablations.spec import Sweep
 
 CSV = published_csv()
 FIELDS = ("top1_err", "top5_err", "gflops", "params_m")
@@ -41,16 +38,3 @@ def published_row(table: int | None, setting: str) -> dict[str, float | None]:
     if table is None:
         return dict.fromkeys(FIELDS)
     return published().get((table, setting), dict.fromkeys(FIELDS))
-
-
-def published_for(sweep: Sweep, label: str) -> dict[str, float | None]:
-    """The published numbers of one row: the setting's own `published:` if it has one, else the paper's."""
-    setting = next((s for s in sweep.settings if s.label == label), None)
-    if setting is not None and setting.published is not None:
-        return {k: getattr(setting.published, k) for k in FIELDS}
-    return published_row(sweep.table, label)
-
-
-def own_sources(sweep: Sweep) -> bool:
-    """Whether some row of `sweep` carries published numbers of its own (not the paper's table)."""
-    return any(s.published is not None for s in sweep.settings)

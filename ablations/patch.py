@@ -30,8 +30,8 @@ from torch import nn
 
 from ablations import attention, families
 from ablations.errors import SpecError
+from ablations.schema import PLUGIN, BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import PLUGIN, BackboneSpec, SESpec
 
 BLOCK_TYPES = {"basic": BasicBlock, "bottleneck": Bottleneck}
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ablations.atomic import savez_atomic
 from ablations.attention import attention_blocks, gate_of
-from ablations.runio import savez_atomic
 
 IMAGES_PER_CLASS = 50  # the paper's Fig. 6/7 sample
 

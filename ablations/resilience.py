@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from ablations.errors import SpecError
+from ablations import rundir
+from ablations.errors import ResultsDirError, RunDirBusy, SpecError, first_line
 
 T = TypeVar("T")
 BACKOFF_CAP_S = 30.0
@@ -59,6 +60,20 @@ def grace_s() -> float:
     return env_number("ABLATE_GRACE_S", 120.0)
 
 
+def storage_attempts() -> int:
+    return int(env_number("ABLATE_STORAGE_ATTEMPTS", 4, integer=True))
+
+
+def storage_backoff_s() -> float:
+    return env_number("ABLATE_STORAGE_BACKOFF_S", 1.0)
+
+
+def check_environment() -> None:
+    """Every knob, read now: a bad value is one line before anything starts, not when first needed
+    (the knobs are read where they are used, so a test or a job can set them at any time)."""
+    heartbeat_s(), grace_s(), storage_attempts(), storage_backoff_s()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Storage
 
@@ -82,20 +97,12 @@ def transient(exc: BaseException) -> bool:
     return not any(p in text for p in permanent)
 
 
-def first_line(exc: BaseException) -> str:
-    """The driver's message without SQLAlchemy's (or Optuna's) wrapper and background link."""
-    while getattr(exc, "orig", None) is None and (exc.__cause__ or exc.__context__) is not None:
-        exc = exc.__cause__ or exc.__context__
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
-
-
 def with_retries(action: Callable[[], T], what: str, *, attempts: int | None = None,
                  backoff_s: float | None = None, log: Callable[[str], None] | None = None) -> T:
     """`action()`, retried with exponential backoff while it fails transiently. The last failure, or the
     first permanent one, propagates."""
-    attempts = int(attempts or env_number("ABLATE_STORAGE_ATTEMPTS", 4, integer=True))
-    wait = backoff_s if backoff_s is not None else env_number("ABLATE_STORAGE_BACKOFF_S", 1.0)
+    attempts = int(attempts or storage_attempts())
+    wait = backoff_s if backoff_s is not None else storage_backoff_s()
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     for attempt in range(1, attempts + 1):
         try:
@@ -128,13 +135,13 @@ def unwritable(exc: BaseException) -> str | None:
     return None if err is None else UNWRITABLE[err.errno]
 
 
-def results_dir_error(path: Path, exc: BaseException, outcome: str) -> SpecError:
+def results_dir_error(path: Path, exc: BaseException, outcome: str) -> ResultsDirError:
     """One line for a results directory that cannot take a file: which file, why, what became of the work."""
     os_error = unwritable_oserror(exc)
     where = os_error.filename if os_error is not None and os_error.filename else None
     what = f"cannot write {where}" if where and str(where) != str(path) else "cannot write files there"
-    return SpecError(f"{what}: {unwritable(exc)}; {outcome} (free space or fix permissions, then start "
-                     "again)", source="--results-dir", key=str(path))
+    return ResultsDirError(f"{what}: {unwritable(exc)}; {outcome} (free space or fix permissions, then "
+                           "start again)", source="--results-dir", key=str(path))
 
 
 def check_writable(results_dir: Path) -> None:
@@ -162,10 +169,6 @@ def check_writable(results_dir: Path) -> None:
 # One trainer per run directory
 
 
-class RunDirBusy(Exception):
-    """Another live process trains in this run directory (a worker presumed dead that is not)."""
-
-
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[None]:
     """Exclusive use of `run_dir` while a trial trains in it, so a retried trial can never write over
@@ -174,7 +177,7 @@ def run_dir_lock(run_dir: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[
     (on NFS, when its lease expires)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
+    path = run_dir / rundir.LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s
@@ -196,7 +199,7 @@ def run_dir_lock(run_dir: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[
 
 def storage_call(action: Callable[[], T], url: str) -> T:
     """`action()` on a storage a worker already uses, retried with backoff while it is unreachable (a
-    database restart, a network blip); still unreachable after that: a one-line SpecError, and the
+    database restart, a network blip); still unreachable after that: a one-line StorageError, and the
     worker stops (its trial is retried elsewhere after the grace period)."""
     from ablations.storage_url import shown, storage_error
 

@@ -1,6 +1,6 @@
 """`ablate run --precision X [--max-seeds N]`: seeds added in rounds until every comparison resolves X.
 
-A round is an ordinary `scheduler.run` at a larger seed count for every setting of a sweep (so pairs
+A round is an ordinary `supervisor.run` at a larger seed count for every setting of a sweep (so pairs
 stay complete): the plan's `seeds` grows, the study's `seeds` attr follows it (`open_study` keeps the
 larger count), `enqueue_missing` queues the new points and the workers train them, exactly once, as
 for fixed seeds. After each round the rule (`analysis.precision.decide`) reads the stored results and
@@ -25,14 +25,13 @@ from typing import Any
 
 import optuna
 
-from ablations import resilience, scheduler, studies, worker
+from ablations import resilience, supervisor, worker
 from ablations.errors import SpecError
-from ablations.spec import MAX_SEEDS
-from ablations.studies import Plan
-from analysis.precision import Decision, decide
-
-DEFAULT_MAX_SEEDS = 20  # without --max-seeds; the cli's help says so too. 20 paired seeds resolve
-#                         0.66 sd of the per-seed differences at 80 % power
+from ablations.grid import Plan
+from ablations.progress import print_table
+from ablations.schema import MAX_SEEDS
+from ablations.storage import open_storage
+from analysis.precision import DEFAULT_MAX_SEEDS, Decision, decide
 
 
 def options(args: argparse.Namespace, plans: list[Plan]) -> tuple[float, int] | None:
@@ -66,19 +65,19 @@ def options(args: argparse.Namespace, plans: list[Plan]) -> tuple[float, int] | 
 
 def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], workers: int, precision: float,
         max_seeds: int, *, trainer: str | None = None, bars: bool | None = None) -> int:
-    """Rounds of `scheduler.run` until every sweep's rule stops; print each sweep's table and outcome.
-    Exit status as `scheduler.run` (a round with a failed point ends the loop: rerun to continue)."""
+    """Rounds of `supervisor.run` until every sweep's rule stops; print each sweep's table and outcome.
+    Exit status as `supervisor.run` (a round with a failed point ends the loop: rerun to continue)."""
     started = time.monotonic()
     resilience.check_writable(Path(results_dir))
-    storage = studies.open_storage(url)
+    storage = open_storage(url)
     stored = {p.study_name: resilience.storage_call(lambda p=p: _attrs(storage, p), url) for p in plans}
     seeds = {p.study_name: max(p.seeds, int(stored[p.study_name].get("seeds", 0))) for p in plans}
     pending = list(plans)
     outcomes: dict[str, tuple[Plan, Decision, float]] = {}
     while pending:
         batch = [dataclasses.replace(p, seeds=seeds[p.study_name]) for p in pending]
-        status = scheduler.run(batch, url, results_dir, devices, workers, trainer=trainer or worker.TRAINER,
-                               bars=bars, tables=False)
+        status = supervisor.run(batch, url, results_dir, devices, workers, trainer=trainer or worker.TRAINER,
+                                bars=bars, tables=False)
         if status != 0:
             print("stopped adding seeds: a grid point did not complete (see above); the same command "
                   "continues from here", file=sys.stderr)
@@ -99,7 +98,7 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
             pending.append(plan)
     for plan in plans:
         final, decision, seconds = outcomes[plan.study_name]
-        scheduler.print_table(results_dir, url, final)
+        print_table(results_dir, url, final)
         print(outcome_line(final, decision, precision, max_seeds, seconds))
     return 0
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ablations.spec import TrainSpec
+from ablations.schema import TrainSpec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ablations.errors import SpecError
+from ablations import rundir
+from ablations.errors import SpecError, StorageError, first_line
 
 BACKENDS = ("sqlite", "postgresql")
 MASK = "***"
@@ -23,9 +24,7 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pass|sslpassword)=)[^&]
 
 
 def default_url(results_dir: str | Path) -> str:
-    from ablations.paths import storage_file
-
-    return f"sqlite:///{storage_file(results_dir)}"
+    return f"sqlite:///{rundir.storage_file(results_dir)}"
 
 
 def shown(url: str | None) -> str:
@@ -104,13 +103,11 @@ def scrub(text: str, url: str) -> str:
     return text.replace(str(password), MASK) if password else text
 
 
-def storage_error(message: str, url: str, exc: BaseException | None = None, after: str = "") -> SpecError:
+def storage_error(message: str, url: str, exc: BaseException | None = None, after: str = "") -> StorageError:
     """A one-line error about the storage at `url`: the driver's first line and `after` appended,
     password masked."""
-    from ablations.resilience import first_line
-
     text = (f"{message}: {first_line(exc)}" if exc is not None else message) + after
-    return SpecError(scrub(text, url), source="--storage", key=shown(url))
+    return StorageError(scrub(text, url), source="--storage", key=shown(url))
 
 
 @contextlib.contextmanager

@@ -1,219 +1,55 @@
-"""Train and evaluate one setting into a run directory; resumable, and bit-repeatable on CPU.
-
-Run directory contract (the scheduler and the analysis read these; keep the names and columns):
-
-    config.yaml      the resolved RunConfig (`cfg.to_yaml()`); a rerun must match it
-    metrics.csv      epoch, lr, train_loss, val_loss, top1_err, top5_err, epoch_seconds, images_per_s
-    checkpoint.pt    after every epoch: model, optimizer, step, epoch, RNG states, metrics so far
-                     (checkpoint.prev.pt: the one before; resuming skips a damaged one: checkpoints.py)
-    excitations.npz  the excitation probe (see probe.py)
-    final.json       written last: its presence means the trial is complete; `epochs` is the epochs
-                     trained (the plateau schedule may stop before train.epochs), `lr_cuts` the epochs
-                     after which the LR was divided
+"""Train and evaluate one setting into its run directory (rundir.py); resumable, and bit-repeatable
+on CPU.
 
 Every file is written atomically, so a kill at any instant leaves the previous epoch's state intact,
-and a rerun continues from it. The checkpoint holds only tensors and primitive containers so it loads
-with `torch.load(weights_only=True)`. Epoch data order and augmentation are functions of
-(seed, epoch) (data.py), the LR a function of the step counter and the stored validation losses
-(schedule.py), and the model/optimizer state is restored exactly: a resumed deterministic CPU run ends
-with the same numbers as an uninterrupted one.
+and a rerun continues from it. Epoch data order and augmentation are functions of (seed, epoch)
+(batches.py), the LR a function of the step counter and the stored validation losses (schedule.py),
+and the model, optimizer and RNG states are restored exactly (checkpoints.py, rng.py): a resumed
+deterministic CPU run ends with the same numbers as an uninterrupted one.
+
+`train` runs in the process that calls it, on one device, or as one rank of a DDP trial that ddp.py
+started (`distributed.Dist` says which). Several devices for one trial are the caller's choice:
+`ddp.launch` runs this same function under torchrun.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
-import json
 import math
+import os
 import platform
-import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations import checkpoints, schedule
-from ablations.errors import SpecError
-from ablations.runio import save_json_atomic, write_text_atomic
-from ablations.spec import ROOT, RunConfig, TrainSpec
+from ablations import checkpoints, rundir, schedule
+from ablations.atomic import write_text_atomic
+from ablations.batches import TrialData
+from ablations.complexity import complexity
+from ablations.data import load_data
+from ablations.devices import resolve_device
+from ablations.distributed import Dist
+from ablations.errors import SpecError, TrialFailed
+from ablations.optim import make_optimizer
+from ablations.patch import build_model
+from ablations.probe import probe_excitations, save_excitations
+from ablations.rng import rng_state, seed_all, set_rng_state
+from ablations.schema import RunConfig, TrainSpec
+from ablations.spec import load_run_config
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "top1_err", "top5_err", "epoch_seconds",
-                  "images_per_s")
 CHECKPOINT_FORMAT = 1
 NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync on a GPU
 
 
-class TrialFailed(Exception):
-    """The trial cannot succeed as configured (diverged: NaN/inf loss). Not a bad input."""
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Where this process sits in a data-parallel job: the one place rank and world size come from.
-
-    Data are sharded by (rank, world_size) and metrics go through `sum`; only the main rank writes.
-    The process group itself is set up by ddp.py (torchrun).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def current(cls) -> Dist:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # a torchrun rank (ddp.py set the group up)
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t
-
-    def sync_batchnorm(self, model: nn.Module, dev: torch.device) -> nn.Module:
-        """BN statistics over the global batch, as on one device (torch's SyncBatchNorm has no CPU
-        kernels: CPU ranks get ddp.py's equivalent). timm's converter keeps the activation of its
-        BatchNormAct2d layers (EfficientNet, MobileNetV3, RegNet), which torch's would drop."""
-        if self.world_size == 1:
-            return model
-        if dev.type == "cpu":
-            from ablations.ddp import sync_batchnorm_cpu
-
-            return sync_batchnorm_cpu(model)
-        from timm.layers import convert_sync_batchnorm
-
-        return convert_sync_batchnorm(model)
-
-    def wrap(self, model: nn.Module, dev: torch.device) -> nn.Module:
-        """The network the training loop steps: DDP (gradients all-reduced in backward) on several ranks."""
-        if self.world_size == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    def broadcast_buffers(self, model: nn.Module) -> None:
-        """Every rank gets rank 0's BN running statistics, so all ranks evaluate the model rank 0
-        checkpoints (with per-rank BN the last step leaves them slightly apart)."""
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            for b in model.buffers():
-                dist.broadcast(b, 0)
-
-
 # --------------------------------------------------------------------------------------------------
-# Recipe pieces
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SpecError(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)", key="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"{name}: no CUDA device is available here", key="--device")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SpecError(f"{name}: only {torch.cuda.device_count()} CUDA device(s)", key="--device")
-    return dev
-
-
-def _flatten(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Move `params` into one flat buffer (the parameters become views of it) and give it a flat
-    gradient buffer. Returns the flat parameter and views of its `.grad` shaped like each parameter."""
-    first = params[0]
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
-    flat.grad = torch.zeros_like(flat)
-    grad_views = []
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
-                p.data = p.data.contiguous()
-            # Same strides as the parameter (channels_last stays channels_last), same n elements.
-            view = flat.as_strided(p.shape, p.stride(), offset)
-            view.copy_(p)
-            p.data = view
-            grad_views.append(flat.grad.as_strided(p.shape, p.stride(), offset))
-            offset += p.numel()
-    return flat, grad_views
-
-
-class FlatSGD(torch.optim.SGD):
-    """torch's SGD on one flat buffer per parameter group instead of one tensor per parameter.
-
-    A ResNet-50-topology model has ~160 parameter tensors; on a CPU SGD's per-tensor update loop
-    costs ~4% of a small model's forward+backward. Here the parameters are views of one flat buffer
-    per group; `step` copies the gradients backward left in each `.grad` into the flat gradient
-    buffer (one cheap copy each) and updates the flat buffers with a few element-wise ops: results
-    are bit-identical to per-tensor SGD. Gradients are not accumulated into the flat buffer directly:
-    autograd's in-place accumulation into existing `.grad`s costs more than it saves.
-    """
-
-    def __init__(self, groups: list[dict[str, Any]], **kwargs: Any):
-        self._members: list[tuple[list[nn.Parameter], list[torch.Tensor]]] = []
-        flat_groups = []
-        for g in groups:
-            params = list(g["params"])
-            if params:
-                flat, views = _flatten(params)
-                self._members.append((params, views))
-                flat_groups.append({**g, "params": [flat]})
-        super().__init__(flat_groups, **kwargs)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:  # the closure computes the gradients: before they are gathered
-            with torch.enable_grad():
-                loss = closure()
-        for params, views in self._members:
-            for p, view in zip(params, views):
-                if p.grad is None:  # unused in this step's graph. (torch's SGD would skip it; here
-                    view.zero_()    # decay and momentum still apply. ResNets use every parameter.)
-                else:
-                    view.copy_(p.grad)
-        super().step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for params, _ in self._members:
-            for p in params:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
-
-
-def make_optimizer(model: nn.Module, spec: TrainSpec) -> FlatSGD:
-    """SGD with weight decay on the weights (and, unless wd_skip_bn_bias is off, not on BN
-    parameters and biases: the 1-D ones). Call after moving the model to its device and format."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if spec.wd_skip_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return FlatSGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0)
+# The process around a trial
 
 
 @contextlib.contextmanager
@@ -228,8 +64,6 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         if spec.deterministic:
-            import os
-
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to repeat
             torch.use_deterministic_algorithms(True)
         if device.type == "cuda":
@@ -244,41 +78,6 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG, as tensors and primitives (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
-                   "gauss": py_state[2]},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Run directory
-
-
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -289,11 +88,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_run_dir(cfg: RunConfig, out_dir: Path) -> None:
     """A run directory belongs to one config: refuse to mix two trials' states."""
-    path = out_dir / "config.yaml"
+    path = out_dir / rundir.CONFIG
     if not path.exists():
         return
-    from ablations.spec import load_run_config
-
     old = load_run_config(path)
     if old == cfg:
         return
@@ -304,14 +101,6 @@ def check_run_dir(cfg: RunConfig, out_dir: Path) -> None:
                     source=str(path))
 
 
-def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
 @functools.cache  # per process: a long-lived worker runs one code version
 def versions() -> dict[str, str]:
     import timm
@@ -319,24 +108,12 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
 
 
-@functools.cache  # the code a worker runs is fixed at import; no git subprocess per trial
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                           timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if r.returncode != 0:
-        return None
-    return r.stdout.strip() or None
-
-
 # --------------------------------------------------------------------------------------------------
 # Epochs
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, amp: Callable[[], Any], dist: Dist, num_classes: int
+def evaluate(model: nn.Module, data: TrialData, amp: Callable[[], Any], dist: Dist, num_classes: int
              ) -> tuple[float, float, float]:
     """Validation loss (plain cross-entropy, no smoothing) and top-1 / top-5 error in %."""
     model.eval()
@@ -355,7 +132,7 @@ def evaluate(model: nn.Module, data, amp: Callable[[], Any], dist: Dist, num_cla
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, data, epoch: int, seed: int, batches: int, amp: Callable[[], Any]) -> None:
+def precise_bn(model: nn.Module, data: TrialData, epoch: int, seed: int, batches: int, amp: Callable[[], Any]) -> None:
     """Recompute every BN layer's running statistics as a plain average over the first `batches`
     training batches of `epoch`, with the weights as they are now (pycls's precise BN).
 
@@ -394,7 +171,7 @@ def autocast(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.A
     return lambda: torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_epoch(net: nn.Module, data, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
+def train_epoch(net: nn.Module, data: TrialData, opt: torch.optim.Optimizer, cfg: RunConfig, epoch: int, step: int,
                 amp: Callable[[], Any], bar: Any = None, dist: Dist | None = None, cuts: int = 0
                 ) -> tuple[int, float, float, float]:
     """One pass over this rank's shard, updating `bar` (if any) per step; `cuts`: the plateau rule's
@@ -443,28 +220,23 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, lr: float) -> N
 
 
 def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root: str | None = None,
-          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train `cfg` into `out_dir` (resuming from its checkpoint), probe excitations, return final.json.
+          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> rundir.FinalRecord:
+    """Train `cfg` into `out_dir` (resuming from its checkpoint), probe excitations, return the final
+    record (also written as final.json; a run directory that has one is returned as it is).
 
-    `on_epoch(row)` is called after each epoch's checkpoint is on disk (an exception it raises, e.g.
-    a pruning signal, leaves a resumable run). Raises SpecError on bad input, TrialFailed on
-    divergence.
+    `on_epoch(row)` gets each epoch's metric row once its checkpoint is on disk (an exception it raises,
+    e.g. a lost claim, leaves a resumable run). Raises SpecError on bad input, TrialFailed on divergence.
     """
     out_dir = Path(out_dir)
     dist = Dist.current()
     check_run_dir(cfg, out_dir)
-    final_path = out_dir / "final.json"
-    if final_path.exists():
-        return json.loads(final_path.read_text())
-    if device is not None and "," in device:  # one trial on several devices: torchrun DDP (ddp.py)
-        from ablations.ddp import launch
-
-        return launch(cfg, out_dir, devices=device, data_root=data_root, progress=progress, on_epoch=on_epoch)
+    done = rundir.read_final(out_dir)
+    if done is not None:
+        return done
     dev = resolve_device(device)
     if dist.is_main:
-        for stale in out_dir.glob(".*.tmp"):  # a write that a kill cut short (runio's temp files)
+        for stale in rundir.temp_files(out_dir):  # writes a kill cut short
             stale.unlink(missing_ok=True)
-    from ablations.data import load_data
 
     mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     with torch_settings(cfg.train, dev):
@@ -476,12 +248,9 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
             data.close()  # a long-lived worker's next trial must not inherit this one's loader workers
 
 
-def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, mf: torch.memory_format,
-           progress: bool, on_epoch: Callable[[dict], None] | None) -> dict:
-    from ablations.complexity import complexity
-    from ablations.patch import build_model
-    from ablations.probe import probe_excitations, save_excitations
-
+def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: TrialData,
+           mf: torch.memory_format, progress: bool, on_epoch: Callable[[dict], None] | None
+           ) -> rundir.FinalRecord:
     spec = cfg.train
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
@@ -496,9 +265,8 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
     amp = autocast(spec, dev)
     # Claimed only now that data and model are known to work: a run that failed on bad input leaves
     # no config behind to clash with the corrected rerun.
-    if dist.is_main and not (out_dir / "config.yaml").exists():
-        write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
-    ckpt_path = out_dir / "checkpoint.pt"
+    if dist.is_main and not (out_dir / rundir.CONFIG).exists():
+        write_text_atomic(out_dir / rundir.CONFIG, cfg.to_yaml())
     rows: list[dict[str, Any]] = []
     start, step, train_seconds = 0, 0, 0.0
     ckpt = checkpoints.load_latest(out_dir, CHECKPOINT_FORMAT, main=dist.is_main)
@@ -526,9 +294,9 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
                               f"{train_loss:.4g}): eval-mode activations overflowed, diverged")
         epoch_s = time.perf_counter() - t0
         train_seconds += epoch_s
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-               "top1_err": top1, "top5_err": top5, "epoch_seconds": epoch_s,
-               "images_per_s": data.images_per_epoch * dist.world_size / loop_s}
+        row = rundir.metric_row(epoch=epoch + 1, lr=lr, train_loss=train_loss, val_loss=val_loss,
+                                top1_err=top1, top5_err=top5, epoch_seconds=epoch_s,
+                                images_per_s=data.images_per_epoch * dist.world_size / loop_s)
         rows.append(row)
         if dist.is_main:
             checkpoints.save(out_dir, {  # keeps the previous one too: checkpoints.py
@@ -536,7 +304,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
                 "metrics": rows, "train_seconds": train_seconds,
             })
-            write_metrics_csv(out_dir / "metrics.csv", rows)
+            rundir.write_metrics(out_dir, rows)
         if progress:
             from tqdm.auto import tqdm
 
@@ -547,61 +315,23 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data, m
             on_epoch(dict(row))
 
     if not rows:  # cannot happen with epochs > 0; guards a hand-edited checkpoint
-        raise SpecError("checkpoint holds no epochs; delete it to start over", source=str(ckpt_path))
+        raise SpecError("checkpoint holds no epochs; delete it to start over",
+                        source=str(out_dir / rundir.CHECKPOINT))
     if dist.is_main:
-        save_excitations(out_dir / "excitations.npz",
+        save_excitations(out_dir / rundir.EXCITATIONS,
                          probe_excitations(model, data, cfg.backbone.num_classes))
     last = rows[-1]
     steady = rows[1:] or rows  # the first epoch pays warm-up (allocator, compile, cudnn autotune)
-    final = {
-        "top1_err": last["top1_err"], "top5_err": last["top5_err"], "val_loss": last["val_loss"],
-        "params_m": cx.params_m, "gflops": cx.gflops, "params": cx.params, "macs": cx.macs,
-        "train_seconds": train_seconds,
-        "images_per_s": len(steady) / sum(1.0 / r["images_per_s"] for r in steady),
-        "epochs": len(rows), "lr_cuts": schedule.lr_cuts(spec, [r["val_loss"] for r in rows]),
-        "device": str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
-        "versions": dict(versions()), "git_commit": git_commit(),
-        "sweep": cfg.sweep, "profile": cfg.profile, "setting": cfg.setting, "seed": cfg.seed,
-    }
+    final = rundir.FinalRecord(
+        top1_err=last["top1_err"], top5_err=last["top5_err"], val_loss=last["val_loss"],
+        params_m=cx.params_m, gflops=cx.gflops, params=cx.params, macs=cx.macs,
+        train_seconds=train_seconds,
+        images_per_s=len(steady) / sum(1.0 / r["images_per_s"] for r in steady),
+        epochs=len(rows), lr_cuts=tuple(schedule.lr_cuts(spec, [r["val_loss"] for r in rows])),
+        device=str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
+        versions=versions(), git_commit=rundir.git_commit(),
+        sweep=cfg.sweep, profile=cfg.profile, setting=cfg.setting, seed=cfg.seed,
+    )
     if dist.is_main:
-        save_json_atomic(out_dir / "final.json", final)
+        rundir.write_final(out_dir, final)
     return final
-
-
-# --------------------------------------------------------------------------------------------------
-# ablate train
-
-
-DEFAULT_LABEL = "SE r=16"
-
-
-def cli_train(args) -> int:
-    """`ablate train`: one setting (standard SE r=16, or --sweep/--setting's row) into --out."""
-    from ablations.spec import SESpec, Setting, load_profile, load_sweep, run_config
-
-    profile = load_profile(args.profile, args.set)
-    if args.sweep is None:
-        if args.setting is not None:
-            raise SpecError("needs --sweep (the file the label comes from)", key="--setting")
-        setting, sweep_name = Setting(label=DEFAULT_LABEL, se=SESpec()), ""
-    else:
-        sweep = load_sweep(args.sweep)
-        labels = [s.label for s in sweep.settings]
-        if args.setting not in labels:
-            what = "required with --sweep" if args.setting is None else f"unknown label {args.setting!r}"
-            raise SpecError(f"{what} (one of: {', '.join(labels)})", source=sweep.path, key="--setting")
-        setting, sweep_name = sweep.settings[labels.index(args.setting)], sweep.name
-    if not 0 <= args.seed < 2**31:
-        raise SpecError(f"must be in 0..{2**31 - 1} (got {args.seed})", key="--seed")
-    cfg = run_config(profile, setting, args.seed, sweep=sweep_name)
-    try:
-        final = train(cfg, Path(args.out), device=args.device, data_root=args.data_root)
-    except TrialFailed as e:
-        print(f"error: trial failed: {e}", file=sys.stderr)
-        return 1
-    print(f"{cfg.setting} (profile {cfg.profile}, seed {cfg.seed}): top-1 error {final['top1_err']:.2f}%  "
-          f"top-5 error {final['top5_err']:.2f}%  val loss {final['val_loss']:.4f}")
-    print(f"{final['params_m']:.3f} M params  {final['gflops']:.4f} GFLOPs  {final['epochs']} epochs  "
-          f"{final['train_seconds']:.1f} s training  {final['images_per_s']:.0f} images/s on "
-          f"{final['device']}  -> {args.out}")
-    return 0

@@ -11,9 +11,6 @@ import contextlib
 import importlib
 import math
 import multiprocessing as mp
-import multiprocessing.connection
-import os
-import signal
 import sys
 import threading
 import time
@@ -26,22 +23,39 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations import resilience, studies
-from ablations.errors import SpecError
-from ablations.studies import Plan, grid_lock
+from ablations import resilience, rundir
+from ablations.devices import is_group
+from ablations.errors import ClaimLost, RunDirBusy, SpecError, TrialFailed, UserError, first_line
+from ablations.grid import Plan, plan_from_attrs
+from ablations.processes import die_with_multiprocessing_parent, sigterm_as_interrupt, worker_identity
+from ablations.recovery import recover
+from ablations.storage import grid_lock, load_named_study, open_storage
+from ablations.trials import fail, grid_point, pop_waiting, requeue, trial_id, trials_in
 
 POLL_S = 0.2  # idle workers look for requeued trials this often while others still run (a cheap query)
 TRAINER = "ablations.train:train"
 Emit = Callable[[dict[str, Any]], None]
 
 
-def load_trainer(path: str = TRAINER) -> tuple[Callable[..., dict], tuple[type[BaseException], ...]]:
-    """`module:function` -> (train function, the failures that explain themselves in one line: the
-    module's TrialFailed (diverged) and SpecError (e.g. a data root this machine lacks))."""
+# The failures that explain themselves in one line and end the trial FAILED: a diverged trial, and a
+# bad input only a trial meets (e.g. a data root this machine lacks).
+EXPECTED_FAILURES = (TrialFailed, SpecError)
+
+
+def load_trainer(path: str = TRAINER) -> Callable[..., rundir.FinalRecord]:
+    """`module:function` -> the train function (the contract of `train.train`)."""
     module, _, name = path.partition(":")
-    mod = importlib.import_module(module)
-    failed = getattr(mod, "TrialFailed", None)
-    return getattr(mod, name), (SpecError,) if failed is None else (failed, SpecError)
+    return getattr(importlib.import_module(module), name)
+
+
+def trainer_for(path: str, device: str | None) -> Callable[..., rundir.FinalRecord]:
+    """The train function for `device`: a device group is one trial on all its devices (ddp.launch,
+    which runs the trainer under torchrun), a single device the trainer itself, in this process."""
+    if is_group(device):
+        from ablations.ddp import launch
+
+        return launch
+    return load_trainer(path)
 
 
 class Heartbeat:
@@ -55,7 +69,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{tid}", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(studies.HEARTBEAT_S):
+        interval = resilience.heartbeat_s()
+        while not self._stop.wait(interval):
             try:
                 self.storage.record_heartbeat(self.tid)
             except Exception:  # noqa: BLE001 -- a locked database for a moment is no reason to stop training
@@ -71,54 +86,45 @@ class Heartbeat:
         self._thread.join()
 
 
-class ClaimLost(Exception):
-    """This worker's trial was declared dead (heartbeat grace period) and handed to another worker."""
-
-
-def _scalar_attrs(final: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in final.items() if v is None or isinstance(v, (bool, int, float, str))}
-
-
 def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Plan, trial: FrozenTrial, *,
               results_dir: Path, device: str | None, data_root: str | None, emit: Emit,
               trainer: str, worker: int) -> str:
     """Train one claimed (RUNNING) trial into its run dir and finish it. Returns COMPLETE or FAIL."""
-    train, expected_failure = load_trainer(trainer)
-    label, seed = studies.grid_point(trial)
-    tid = studies.trial_id(storage, study, trial.number)
+    train = trainer_for(trainer, device)
+    label, seed = grid_point(trial)
+    tid = trial_id(storage, study, trial.number)
     cfg = plan.config(label, seed)
     run_dir = plan.run_dir(results_dir, label, seed).resolve()
     base = {"worker": worker, "study": study.study_name, "number": trial.number, "setting": label, "seed": seed}
     started = time.monotonic()
     epochs_seen: list[int] = []
 
-    def on_epoch(metrics: dict[str, Any]) -> None:
-        epoch = int(metrics.get("epoch", len(epochs_seen) + 1))
+    def on_epoch(row: dict[str, float]) -> None:  # one metric row (rundir.METRIC_COLUMNS)
+        epoch = int(row["epoch"])
         try:  # nothing here is worth stopping the training for while the storage is away a moment
             lost = storage.get_trial(tid).state != TrialState.RUNNING
             if not epochs_seen and epoch > 1:  # the trainer picked up a checkpoint: a retry resumed
                 storage.set_trial_user_attr(tid, "resumed_epochs", epoch - 1)
-            err = metrics.get("val_top1_err", metrics.get("top1_err"))
-            if isinstance(err, (int, float)) and math.isfinite(err):
-                storage.set_trial_intermediate_value(tid, epoch, float(err))  # the dashboard's curves
+            if math.isfinite(row["top1_err"]):
+                storage.set_trial_intermediate_value(tid, epoch, float(row["top1_err"]))  # the dashboard's curves
         except Exception as e:
             if not resilience.transient(e):
                 raise
             lost = False  # checked again next epoch
             emit({**base, "kind": "log", "text": f"warning: storage unreachable after epoch {epoch} "
-                                                 f"({resilience.first_line(e)}); training on"})
+                                                 f"({first_line(e)}); training on"})
         if lost:  # a retry owns the point now: stop before writing anything more
             raise ClaimLost(f"trial {trial.number} was declared dead and retried elsewhere")
         epochs_seen.append(epoch)
-        emit({**base, "kind": "epoch", "epoch": epoch, "metrics": _scalar_attrs(metrics)})
+        emit({**base, "kind": "epoch", "epoch": epoch, "metrics": dict(row)})
 
     def hand_back(reason: str) -> None:
         """End this attempt without burning the point: FAIL it and queue the point again, so the next
         worker resumes from the checkpoint."""
         def give_back() -> None:
             with grid_lock(storage):
-                if studies.fail(storage, tid, reason):
-                    studies.requeue(study, storage.get_trial(tid))
+                if fail(storage, tid, reason):
+                    requeue(study, storage.get_trial(tid))
 
         resilience.storage_call(give_back, storage.url)
 
@@ -134,7 +140,7 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
                         storage.set_trial_state_values(tid, TrialState.COMPLETE, [value])
                     except optuna.exceptions.UpdateFinishedTrialError:
                         return "LOST"  # declared dead meanwhile; its retry finds final.json and finishes at once
-                elif not studies.fail(storage, tid, reason or "unknown"):
+                elif not fail(storage, tid, reason or "unknown"):
                     return "LOST"
             return state
 
@@ -163,7 +169,7 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
     with Heartbeat(storage, tid):
         try:
             # Waits out a worker that was declared dead but still holds the run dir (resilience.py).
-            with resilience.run_dir_lock(run_dir, wait_s=studies.GRACE_S):
+            with resilience.run_dir_lock(run_dir, wait_s=resilience.grace_s()):
                 final = train(cfg, run_dir, device=device, data_root=data_root, progress=False,
                               on_epoch=on_epoch)
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, or SLURM preemption via submitit
@@ -174,11 +180,11 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
         except ClaimLost as e:
             end("LOST", str(e))
             return "LOST"
-        except resilience.RunDirBusy as e:
+        except RunDirBusy as e:
             hand_back(f"run dir busy: {e}")
             end("FAIL", str(e))
             return "FAIL"
-        except expected_failure as e:
+        except EXPECTED_FAILURES as e:
             return finish("FAIL", reason=str(e))
         except Exception as e:  # noqa: BLE001 -- one broken trial must not stop the sweep
             if resilience.unwritable(e) is not None:  # ... but a read-only or full disk stops the worker
@@ -187,54 +193,53 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
                 raise resilience.results_dir_error(Path(results_dir), e, "the trial was queued again") from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
-    resilience.storage_call(lambda: store(_scalar_attrs(final)), storage.url)
-    value = final.get("top1_err")
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return finish("FAIL", reason=f"final top1_err is {value!r}")
-    return finish("COMPLETE", value=float(value))
+    resilience.storage_call(lambda: store(final.to_attrs()), storage.url)
+    if not math.isfinite(final.top1_err):
+        return finish("FAIL", reason=f"final top1_err is {final.top1_err!r}")
+    return finish("COMPLETE", value=float(final.top1_err))
 
 
 def _has_work(storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Study, Plan]]) -> bool:
     """Whether any grid point is still queued or running (so a requeue may yet come our way)."""
     for study, _ in loaded:
-        live = studies.trials_in(storage, study, (TrialState.WAITING, TrialState.RUNNING))
-        if any(studies.grid_point(t) is not None for t in live):
+        live = trials_in(storage, study, (TrialState.WAITING, TrialState.RUNNING))
+        if any(grid_point(t) is not None for t in live):
             return True
     return False
 
 
 def work(url: str, study_names: list[str], *, results_dir: str | Path, device: str | None,
          data_root: str | None, emit: Emit, trainer: str = TRAINER, worker: int = 0,
-         checked: bool = False) -> None:
+         tables_ready: bool = False) -> None:
     """Train queued trials of `study_names` (in that order) until none is queued or running anywhere.
 
     Waiting for trials other processes run is deliberate: if one of them dies, its trial is requeued
     (dead pid on this host at once, heartbeat grace period elsewhere) and one of us resumes it.
-    `checked`: started by `ablate run`, which has just opened the storage (studies.open_storage).
+    `tables_ready`: started by `ablate run`, which has just opened the storage (storage.open_storage).
     """
     resilience.check_writable(Path(results_dir))  # before claiming anything
-    storage = studies.open_storage(url, checked)
+    storage = open_storage(url, tables_ready)
     loaded = []
     for name in study_names:
-        study = optuna.load_study(study_name=name, storage=storage)
-        loaded.append((study, studies.plan_from_attrs(name, study.user_attrs, data_root)))
+        study = load_named_study(storage, name)
+        loaded.append((study, plan_from_attrs(name, study.user_attrs, data_root)))
     results_dir = Path(results_dir)
     while True:
         claimed = None
         for study, plan in loaded:
             def claim(study: optuna.Study = study) -> FrozenTrial | None:
-                me = studies.worker_identity()
+                me = worker_identity()
                 with grid_lock(storage):
                     # Retried after an outage, a claim may have gone through with its reply lost: the
                     # trial then carries our identity, and is ours (we train nothing while claiming).
-                    running = studies.trials_in(storage, study, (TrialState.RUNNING,))
+                    running = trials_in(storage, study, (TrialState.RUNNING,))
                     for t in running:
                         if t.user_attrs.get("worker") == me["worker"]:
                             return t
-                    studies.recover(storage, study, running)
-                    trial = studies.pop_waiting(storage, study)
+                    recover(storage, study, running)
+                    trial = pop_waiting(storage, study)
                     if trial is not None:  # in the lock: a claim and its owner are never apart for long
-                        tid = studies.trial_id(storage, study, trial.number)
+                        tid = trial_id(storage, study, trial.number)
                         for key, value in me.items():
                             storage.set_trial_user_attr(tid, key, value)
                     return trial
@@ -282,43 +287,23 @@ def process_context(trainer: str = TRAINER) -> mp.context.BaseContext:
     return ctx
 
 
-def _die_with_parent() -> None:
-    """A worker whose `ablate run` is killed (even with -9) is killed too, instead of training on as an
-    orphan; its trial stays RUNNING with a dead pid, which the next run on this host requeues at once.
-
-    multiprocessing's parent sentinel is a pipe `ablate run` holds open: it reads as ready the moment
-    that process is gone, however it ended (the fork server in between is not our parent here).
-    """
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        mp.connection.wait([parent.sentinel])
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def process_main(url: str, study_names: list[str], results_dir: str, device: str | None,
                  data_root: str | None, queue: Any, worker: int, trainer: str, threads: int | None) -> None:
-    """Entry point of one worker process (see process_context)."""
-    _die_with_parent()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    """Entry point of one worker process (see process_context). A worker whose `ablate run` is killed
+    (even with -9) is killed too, instead of training on as an orphan; its trial stays RUNNING with a
+    dead pid, which the next run on this host requeues at once."""
+    die_with_multiprocessing_parent()
+    sigterm_as_interrupt()
     if threads is not None:  # N CPU workers share the cores; a profile's train.threads still wins
         import torch
 
         torch.set_num_threads(threads)
     try:
         work(url, study_names, results_dir=results_dir, device=device, data_root=data_root,
-             emit=queue.put, trainer=trainer, worker=worker, checked=True)
+             emit=queue.put, trainer=trainer, worker=worker, tables_ready=True)
     except KeyboardInterrupt:
         pass
-    except SpecError as e:  # the machine, not a trial (results dir full, storage gone): one line, exit 2
+    except UserError as e:  # the machine, not a trial (results dir full, storage gone): one line, exit 2
         queue.put({"kind": "log", "text": f"error: {e}", "worker": worker})
         sys.exit(2)
     finally:

@@ -34,7 +34,7 @@ def _results_dir(args: argparse.Namespace, must_exist: bool = True) -> Path:
     """The results directory to read. Without --storage it must hold the default storage or run
     directories (anything else would read as a sweep that never ran); with one, the run directories
     may live elsewhere."""
-    from ablations.paths import check_results_dir
+    from ablations.options import check_results_dir
 
     path = Path(args.results_dir)
     if args.storage is None:
@@ -66,7 +66,7 @@ def cli_table(args: argparse.Namespace) -> int:
 
 
 def cli_tables(args: argparse.Namespace) -> int:
-    from analysis.tables import tables_dir, write_all_tables
+    from analysis.table_files import tables_dir, write_all_tables
 
     results_dir, profile = _results_dir(args), _profile(args)
     _require_results(results_dir, args.storage, profile)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ablations.spec import SESpec, Sweep
+from ablations.schema import SESpec, Sweep
 from analysis import load
 from analysis.tables import all_sweeps
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import nbformat
 
-from ablations.paths import analysis_dir
-from ablations.runio import write_atomic
-from ablations.spec import ROOT
+from ablations.atomic import write_atomic
+from ablations.bundled import ROOT
+from ablations.rundir import analysis_dir
 from ablations.storage_url import shown
 
 NOTEBOOKS_DIR = Path(__file__).with_name("notebooks")

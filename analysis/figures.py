@@ -21,10 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from ablations import paths
-from ablations.paper import own_sources
-from ablations.runio import write_atomic
-from ablations.spec import SESpec, Sweep
+from ablations import rundir
+from ablations.atomic import write_atomic
+from ablations.schema import SESpec, Sweep
 from analysis import excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
 
@@ -58,7 +57,7 @@ def save(fig: Figure, stem: str | Path) -> list[Path]:
 
 
 def figures_dir(results_dir: str | Path, profile: str) -> Path:
-    return paths.analysis_dir(results_dir, profile, "figures")
+    return rundir.analysis_dir(results_dir, profile, "figures")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def table_plot(table: Table) -> Figure:
         ax.set_ylabel("top-1 error (%)")
         if paper:
             axes[1].scatter(x, r["paper_top1"], s=46, c=colors, marker="D", zorder=3)
-            axes[1].set_title("published (ImageNet, each row's source)" if own_sources(table.sweep)
+            axes[1].set_title("published (ImageNet, each row's source)" if table.sweep.has_own_sources
                               else "paper (ImageNet, SE-ResNet-50)")
             axes[1].set_ylabel("top-1 error (%)")
         for a in axes:

@@ -11,20 +11,20 @@ import base64
 import html
 import importlib.metadata
 import platform
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from ablations.paths import report_file
-from ablations.runio import write_atomic
-from ablations.spec import PROFILES_DIR, ROOT
+from ablations import rundir, storage_url
+from ablations.atomic import write_atomic
+from ablations.spec import PROFILES_DIR
 from ablations.storage_url import shown
 from analysis import load
 from analysis.figures import figures_dir, write_figures
 from analysis.render import render
-from analysis.tables import Table, write_all_tables
+from analysis.table_files import write_all_tables
+from analysis.tables import Table
 
 PACKAGES = ("torch", "timm", "optuna", "numpy", "pandas", "scipy", "matplotlib", "seaborn", "pydantic")
 CSS = """
@@ -49,15 +49,6 @@ def _img(path: Path, alt: str) -> str:
 
 def _pre(text: str) -> str:
     return f"<pre>{html.escape(text)}</pre>"
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _versions() -> dict[str, str]:
@@ -88,11 +79,11 @@ def _trial_environment(results_dir: Path, trials: pd.DataFrame) -> str:
                                   "train time (sum)": f"{runs['train_seconds'].sum() / 60:.1f} min"}))
         first = runs.sort_values(["setting", "seed"]).iloc[0]
         run_dir = load.locate_run_dir(results_dir, first)
-        final = load.read_final(run_dir) or {}
-        if isinstance(final.get("versions"), dict):  # the trainer's own record of its software
+        final = rundir.read_final(run_dir)
+        if final is not None:  # the trainer's own record of its software
             parts.append(f"<p>Software of {html.escape(str(first['setting']))} seed {int(first['seed'])}:</p>"
-                         + _kv_table({str(k): str(v) for k, v in final["versions"].items()}))
-        config = run_dir / "config.yaml"
+                         + _kv_table({str(k): str(v) for k, v in final.versions.items()}))
+        config = run_dir / rundir.CONFIG
         if config.is_file():
             parts.append(f"<p>Resolved configuration of {html.escape(str(first['setting']))} seed "
                          f"{int(first['seed'])} (<code>config.yaml</code>):</p>" + _pre(config.read_text()))
@@ -132,7 +123,7 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
     body = [
         f"<h1>SE ablations: profile {html.escape(profile)}</h1>",
         f"<p>Results: <code>{html.escape(str(results_dir.resolve()))}</code>; storage: "
-        f"<code>{html.escape(shown(load.resolve_storage(results_dir, storage)))}</code>; generated "
+        f"<code>{html.escape(shown(storage_url.existing(results_dir, storage)))}</code>; generated "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Trials: "
         + ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items())) + ".</p>",
         f"<nav>{nav} <a href='#excitations'>Fig. 6/7, class specificity</a> "
@@ -158,7 +149,7 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
              _pre(profile_yaml.read_text()) if profile_yaml.is_file() else "<p>(profile file not found)</p>",
              _trial_environment(results_dir, trials),
              "<h3>This report was made with</h3>",
-             _kv_table({"analysis git commit": _git_commit(), **_versions()})]
+             _kv_table({"analysis git commit": rundir.git_commit(short=True) or "unknown", **_versions()})]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>SE ablations: {html.escape(profile)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
@@ -166,4 +157,4 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
 
 def write_report(results_dir: str | Path, storage: str | None, profile: str) -> Path:
     """<results>/<profile>/report.html."""
-    return write_atomic(report_file(results_dir, profile), build_report(results_dir, storage, profile))
+    return write_atomic(rundir.report_file(results_dir, profile), build_report(results_dir, storage, profile))

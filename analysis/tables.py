@@ -2,7 +2,7 @@
 
 `build_table` turns a trials DataFrame into a `Table` (it reads nothing but, at most, the profile file
 and one run dir's config.yaml to learn the number of classes); `load_table` reads results first;
-`write_table` and `sweep_summary` put the rendered forms on disk. Missing seeds never raise: the row
+render.py turns a Table into text and table_files.py puts it on disk. Missing seeds never raise: the row
 shows the seeds it has and `Table.missing` says which are absent and why (failed, running, waiting,
 never started).
 
@@ -21,11 +21,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ablations import paths
 from ablations.errors import SpecError
-from ablations.paper import own_sources, published_for
-from ablations.runio import write_atomic
-from ablations.spec import SWEEPS_DIR, Sweep, load_profile, load_sweep
+from ablations.schema import Sweep
+from ablations.spec import SWEEPS_DIR, load_profile, load_sweep
 from analysis import load, stats
 
 TOP5_MIN_CLASSES = 11  # top-5 error is shown from this many classes up
@@ -54,7 +52,6 @@ def columns(top5: bool) -> tuple[str, ...]:
 
 COLUMNS = columns(top5=True)  # every column a table can have
 TEXT_COLUMNS = ("setting", "reference", "seeds", "verdict", "missing_seeds")
-FORMATS = {"md": "md", "csv": "csv", "latex": "tex", "html": "html"}  # format -> file extension
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,7 @@ class Table:
     @property
     def recipe_note(self) -> str | None:
         """Why the published column is not an error to match, when this profile's recipe is not the paper's."""
-        if own_sources(self.sweep):
+        if self.sweep.has_own_sources:
             return ("The published column is ImageNet as each row's source in the sweep file reports it, "
                     f"each with its own recipe; profile {self.profile} compares ranks and directions only, "
                     "not errors.")
@@ -238,7 +235,7 @@ def build_table(trials: pd.DataFrame, sweep: Sweep, profile: str, study_attrs: d
             attempts = mine[(mine["setting"] == label) & (mine["seed"] == s)]
             missing.append(Missing(label, s, _why(attempts)))
         is_ref = label == sweep.reference
-        paper = published_for(sweep, label)
+        paper = sweep.published_numbers(label)
         row = {"setting": label, "reference": is_ref, "n": len(runs),
                "seeds": " ".join(str(s) for s in sorted(have))}
         for m, metric in metrics.items():
@@ -275,41 +272,7 @@ def load_table(results_dir: str | Path, storage: str | None, sweep: Sweep, profi
     return build_table(trials, sweep, profile, studies.get((sweep.name, profile)), paired)
 
 
-def tables_dir(results_dir: str | Path, profile: str) -> Path:
-    return paths.analysis_dir(results_dir, profile, "tables")
-
-
-def write_table(table: Table, results_dir: str | Path) -> list[Path]:
-    """<results>/<profile>/tables/table<N>.{md,csv,tex,html}."""
-    from analysis.render import render
-
-    out = tables_dir(results_dir, table.profile)
-    return [write_atomic(out / f"{table.stem}.{ext}", render(table, fmt)) for fmt, ext in FORMATS.items()]
-
-
 def all_sweeps() -> list[Sweep]:
     """The sweep files in sweeps/, paper tables first in table order."""
     sweeps = [load_sweep(p) for p in sorted(SWEEPS_DIR.glob("*.yaml"))]
     return sorted(sweeps, key=lambda s: (s.table is None, s.table or 0, s.name))
-
-
-def write_all_tables(results_dir: str | Path, storage: str | None, profile: str) -> list[Table]:
-    """Write every table that has at least one completed trial; return those tables."""
-    written = []
-    for sweep in all_sweeps():
-        table = load_table(results_dir, storage, sweep, profile)
-        if table.has_results:
-            write_table(table, results_dir)
-            written.append(table)
-    return written
-
-
-def sweep_summary(results_dir: Path, storage: str | None, sweep: Sweep, profile: str) -> str:
-    """What the scheduler prints when a sweep ends; also writes <results>/<profile>/<sweep>/table.{md,csv}."""
-    from analysis.render import render
-
-    table = load_table(results_dir, storage, sweep, profile)
-    out = paths.sweep_dir(results_dir, profile, sweep.name)
-    write_atomic(out / "table.md", render(table, "md"))
-    write_atomic(out / "table.csv", render(table, "csv"))
-    return render(table, "text")

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe as machine
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -51,7 +53,7 @@ def write_folder(root: Path, images: int, seed: int = 0) -> None:
 def time_trial(root: Path, workers: int, persistent: bool) -> tuple[int, float]:
     """(images, seconds) of 3 epochs and one evaluation, the data set built inside the timing."""
     from ablations.folder_data import FolderData
-    from ablations.spec import DataSpec
+    from ablations.schema import DataSpec
 
     spec = DataSpec(dataset="imagefolder", input_size=224, batch_size=64, eval_batch_size=64, workers=workers)
     t0 = time.perf_counter()
@@ -66,20 +68,6 @@ def time_trial(root: Path, workers: int, persistent: bool) -> tuple[int, float]:
     finally:
         data.close()
     return images, time.perf_counter() - t0
-
-
-def machine() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}); torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def measure(images: int, workers: int, rounds: int) -> dict:
@@ -97,36 +85,11 @@ def measure(images: int, workers: int, rounds: int) -> dict:
                 runs.append({"variant": name, "round": r, "images": n, "seconds": seconds, "img_s": n / seconds})
     img_s = {name: statistics.median(x["img_s"] for x in runs if x["variant"] == name) for name in VARIANTS}
     before, after = img_s.values()
-    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load_at_start": load,
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(gpu=False), "load_at_start": load,
             "train_images": images, "val_images": images // 4, "classes": CLASSES, "epochs": EPOCHS,
             "workers": workers, "batch": 64, "input_size": 224, "rounds": rounds, "runs": runs, "img_s": img_s,
             "gain": after / before,
             "command": f"python benchmarks/folder_pipeline.py --images {images} --workers {workers} --rounds {rounds}"}
-
-
-def render(fp: dict) -> list[str]:
-    """The BENCHMARKS.md section (benchmarks/bench.py renders it from the recorded figures)."""
-    before, after = fp["img_s"].values()
-    lines = ["", "## Folder input pipeline (CPU)", "",
-             f"`{fp['command']}` on {fp['date']}: {fp['machine']}; load average {fp['load_at_start']:.1f} at the "
-             "start (the cores are shared).", "",
-             f"{fp['train_images']} training JPEGs of ~400×350 in {fp['classes']} classes and {fp['val_images']} "
-             f"validation ones; {fp['epochs']} epochs of `train_batches` and one `val_batches` pass, batch "
-             f"{fp['batch']} at {fp['input_size']}, PIL decoding in {fp['workers']} DataLoader workers, timed from "
-             "building the data set to its last batch. Variants interleaved; medians of "
-             f"{fp['rounds']} runs each.", "",
-             "| DataLoader workers | images/s | runs (images/s) |", "|---|---|---|"]
-    for name, value in fp["img_s"].items():
-        each = ", ".join(f"{x['img_s']:.0f}" for x in fp["runs"] if x["variant"] == name)
-        lines.append(f"| {name} | {value:.0f} | {each} |")
-    images = fp["runs"][0]["images"]
-    saved = images / before - images / after
-    lines += ["", f"Persistent / rebuilt: {after / before:.2f}×, {saved:.1f} s less per run of "
-              f"{images / after:.0f} s: the start-up, first batches and shut-down of the {fp['epochs']} worker "
-              f"sets that rebuilding starts beyond the first ({saved / fp['epochs']:.1f} s each; workers are "
-              "forked, so they import nothing). The rest is decoding and resizing in the workers, which "
-              "`data.decode: gpu` moves to the GPU (not measurable on this machine)."]
-    return lines
 
 
 def main() -> None:

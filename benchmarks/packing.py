@@ -29,9 +29,12 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
     import torch
 
     from ablations.data import load_data
+    from ablations.devices import resolve_device
+    from ablations.optim import make_optimizer
     from ablations.patch import build_model
-    from ablations.spec import SESpec, Setting, load_profile, run_config
-    from ablations.train import autocast, make_optimizer, resolve_device, torch_settings, train_epoch
+    from ablations.schema import SESpec, Setting
+    from ablations.spec import load_profile, run_config
+    from ablations.train import autocast, torch_settings, train_epoch
 
     cfg = run_config(load_profile(args.profile, args.set), Setting(label="SE r=16", se=SESpec()), seed=0)
     dev = resolve_device(args.device)
@@ -92,7 +95,7 @@ def main() -> int:
         print(f"{r['trials']} trial(s) at once: {r['img_s']:.0f} images/s ({r['images']} images in {r['wall_s']:.1f} s)")
     print(f"2 packed / 1 alone: {gain:.2f}x")
     if args.json:
-        from ablations.runio import write_atomic
+        from ablations.atomic import write_atomic
 
         write_atomic(args.json, json.dumps({"device": args.device, "profile": args.profile, "set": args.set,
                                             "rows": rows, "gain": gain}, indent=2))

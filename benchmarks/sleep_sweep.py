@@ -2,9 +2,9 @@
 
     python benchmarks/sleep_sweep.py --workers 2 --epoch-s 1.0 --seeds 4 --json out.json
 
-Runs the scale-out tests' mini sweep (3 settings x --seeds, 2 epochs each) through `scheduler.run`
-with `tests/scale_helpers.fake_train`, which sleeps --epoch-s per epoch and otherwise keeps the real
-trainer's contract (on_epoch per epoch, final.json). Every second of wall time beyond the sleeping is
+Runs the tests' mini sweep (3 settings x --seeds, 2 epochs each) through `supervisor.run` with
+`tests/helpers.fake_train`, which sleeps --epoch-s per epoch and otherwise keeps the real trainer's
+contract (on_epoch per epoch, final.json). Every second of wall time beyond the sleeping is
 the scheduler's: interpreter and worker start-up, validation, Optuna claims and writes, heartbeats,
 progress, the table. The trials' own timestamps (Optuna's datetime_start / datetime_complete) split
 that into a fixed start-up and shut-down per run and an overhead per trial.
@@ -39,9 +39,9 @@ def trial_timeline(url: str, busy_s: Callable[[FrozenTrial], float]) -> dict:
     same worker. Medians, so the first trial of a worker (lazy imports, cold caches) does not count."""
     import optuna
 
-    from ablations import studies
+    from ablations.storage import open_storage
 
-    storage = studies.open_storage(url)
+    storage = open_storage(url)
     (summary,) = storage.get_all_studies()
     trials = sorted(optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(),
                     key=lambda t: t.datetime_start)
@@ -69,18 +69,18 @@ def main() -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     os.environ["PYTHONPATH"] = os.pathsep.join(sys.path[:2] + [os.environ.get("PYTHONPATH", "")])
 
-    from scale_helpers import FAKE, make_plans, write_sweep
+    from helpers import FAKE, make_plans, url_of, write_sweep
 
-    from ablations import cli, runio, scheduler, studies, worker
+    from ablations import atomic, cli, supervisor, worker
 
     if args.workers > 1:  # as `ablate run` does: the workers' imports overlap the validation
         worker.process_context(FAKE)
 
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results"
-        plans = make_plans(write_sweep(Path(tmp), seeds=args.seeds), overrides=(f"train.epochs={EPOCHS}",))
-        url = studies.storage_url(str(results), None)
-        status = scheduler.run(plans, url, results, ["cpu"], args.workers, trainer=FAKE, bars=False)
+        plans = make_plans(write_sweep(Path(tmp), seeds=args.seeds), f"train.epochs={EPOCHS}")
+        url = url_of(results)
+        status = supervisor.run(plans, url, results, ["cpu"], args.workers, trainer=FAKE, bars=False)
         ended = time.time()
         if status != 0:
             sys.exit(f"sleep sweep failed (exit {status})")
@@ -91,7 +91,7 @@ def main() -> None:
            **line}
     out["overhead_per_trial_s"] = out["inside_trial_s"] + out["between_trials_s"]
     out["own_analysis_s"] = time.time() - ended  # this script's, after the run: not part of `ablate run`
-    runio.write_atomic(args.json, json.dumps(out, indent=2))
+    atomic.write_atomic(args.json, json.dumps(out, indent=2))
     cli.exit_fast(0)  # as `ablate run` ends (its wall time includes the exit)
 
 

@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ablations.atomic import write_atomic  # noqa: E402
 from ablations.data import load_data  # noqa: E402
+from ablations.devices import resolve_device  # noqa: E402
+from ablations.optim import make_optimizer  # noqa: E402
 from ablations.patch import build_model  # noqa: E402
-from ablations.runio import write_atomic  # noqa: E402
-from ablations.spec import SESpec, Setting, load_profile, run_config  # noqa: E402
-from ablations.train import autocast, make_optimizer, resolve_device, torch_settings, train_epoch  # noqa: E402
+from ablations.schema import SESpec, Setting  # noqa: E402
+from ablations.spec import load_profile, run_config
+from ablations.train import autocast, torch_settings, train_epoch  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:

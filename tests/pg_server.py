@@ -1,7 +1,7 @@
 """A real PostgreSQL server for the shared-storage tests: initdb in a temp dir, 127.0.0.1, a free port.
 
-`pg_server` (session) starts one server and always stops it; `pg_url` (per test) hands each test a fresh
-database on it. initdb refuses to run as root, so under root (CI, containers) the server runs as the
+`running_server` starts one and always stops it (conftest.py's `pg_server` fixture holds one per session;
+`pg_url` hands each test a fresh database on it). initdb refuses to run as root, so under root (CI, containers) the server runs as the
 `postgres` system user from a directory owned by it; otherwise as the current user. Tests are skipped,
 saying why, only when no server binaries exist (.ci/run installs them with apt-get).
 """
@@ -14,7 +14,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 BIN_NAMES = ("initdb", "pg_ctl", "postgres")
 
@@ -35,12 +35,6 @@ def find_bindir() -> Path | None:
         if all(Path(d, n).exists() for n in BIN_NAMES):
             return Path(d)
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -125,15 +119,3 @@ def running_server() -> Iterator[PgServer]:
     finally:
         server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    with running_server() as server:
-        yield server
-
-
-@pytest.fixture
-def pg_url(pg_server: PgServer) -> str:
-    """A fresh, empty database on the session's server."""
-    return pg_server.create_database()

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from analysis_fixtures import PROFILE, RATIO, make_results  # noqa: E402
+from helpers import PROFILE, RATIO, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ablations.cli import main  # noqa: E402
@@ -130,6 +130,7 @@ def test_training_curves_average_the_seeds(results):
     np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
 
 
+@pytest.mark.slow
 def test_written_files_decode_at_the_expected_size(results, tmp_path, capsys):
     import shutil
 

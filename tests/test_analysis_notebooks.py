@@ -6,7 +6,7 @@ import shutil
 
 import nbformat
 import pytest
-from analysis_fixtures import PROFILE, make_results
+from helpers import PROFILE, make_results
 
 from ablations.cli import main
 from analysis.execute import INJECTED_TAG, execute_all, notebooks
@@ -85,6 +85,7 @@ def test_a_failing_notebook_is_reported_and_its_copy_kept(tmp_path):
     assert any(o.output_type == "error" for o in kept.cells[-1].outputs)
 
 
+@pytest.mark.slow
 def test_cli_notebooks_exit_status(tmp_path, capsys, monkeypatch):
     import analysis.execute as ex
 

@@ -11,10 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
-from analysis_fixtures import PROFILE, make_results  # noqa: E402
+from helpers import PROFILE, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ablations.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the report writes every table and figure first
 
 
 @pytest.fixture(scope="module")

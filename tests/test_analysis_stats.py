@@ -26,8 +26,12 @@ def by_seed(values, seeds=None) -> pd.Series:
     return pd.Series(values, index=range(len(values)) if seeds is None else seeds, dtype=float)
 
 
-def test_t_quantile_closed_form():
+def test_ci_of_three_values_uses_the_t_quantile_with_two_degrees_of_freedom():
+    """The 95% CI of n = 3 is mean +- t(0.975, df=2) * sd / sqrt(3), the quantile in closed form above."""
+    s = stats.summarize([0.0, 1.0, 2.0])  # mean 1, sd 1
     assert T_975_DF2 == pytest.approx(4.302653, abs=1e-6)
+    assert s.ci_high - s.mean == pytest.approx(T_975_DF2 / math.sqrt(3), abs=1e-9)
+    assert s.mean - s.ci_low == pytest.approx(T_975_DF2 / math.sqrt(3), abs=1e-9)
 
 
 def test_summary_by_hand():
@@ -216,6 +220,7 @@ def test_verdict_needs_the_adjusted_p():
 errors = st.lists(st.floats(0, 100, allow_nan=False), min_size=0, max_size=6)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(rows=st.lists(st.tuples(errors, errors), min_size=1, max_size=5), paired=st.booleans())
 def test_verdict_is_never_better_or_worse_without_a_significant_adjusted_p(rows, paired):

@@ -12,7 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from analysis_fixtures import PROFILE, RATIO, make_results, top1, top5
+from helpers import PROFILE, RATIO, make_results, top1, top5
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
@@ -22,14 +22,8 @@ from ablations.paper import published_row
 from ablations.spec import load_sweep
 from analysis import load, stats
 from analysis.render import render
-from analysis.tables import (
-    build_table,
-    load_table,
-    profile_facts,
-    sweep_summary,
-    write_all_tables,
-    write_table,
-)
+from analysis.table_files import sweep_summary, write_all_tables, write_table
+from analysis.tables import build_table, load_table, profile_facts
 
 # The seeds each Table 10 setting completed in the fixture (r=8 seed 2 runs, r=32 seed 2 failed).
 RATIO_SEEDS = {label: [0, 1] if label in ("r=8", "r=32") else [0, 1, 2] for label in RATIO}
@@ -67,7 +61,6 @@ def test_completed_counts_the_retry_once(results):
 
 
 def test_missing_sqlite_storage_is_not_created(tmp_path):
-    assert load.resolve_storage(tmp_path, None) is None
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     assert load.load_trials(tmp_path, url).empty
     assert not (tmp_path / "elsewhere.db").exists()
@@ -355,25 +348,30 @@ def test_csv_round_trips_numbers(results):
 
 def _study(path, name="ratio-quick"):
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{path / 'optuna.db'}")
-    study.set_user_attr("sweep", "ratio")
+    study.set_user_attr("sweep", name.split("-")[0])
     study.set_user_attr("profile", "quick")
     return study
 
 
-def _dist():
-    return {"setting": optuna.distributions.CategoricalDistribution(list(RATIO)),
-            "seed": optuna.distributions.IntDistribution(0, 2)}
+def _dist(labels=tuple(RATIO), seeds: int = 2):
+    return {"setting": optuna.distributions.CategoricalDistribution(list(labels)),
+            "seed": optuna.distributions.IntDistribution(0, seeds)}
 
 
-def test_storage_trial_with_only_the_objective_takes_metrics_from_final_json(results, tmp_path):
-    """A storage that recorded only the objective still gives full rows from the run dirs."""
+def test_storage_trial_with_only_the_objective_takes_its_record_from_final_json(results, tmp_path):
+    """A storage that recorded only the objective still gives full rows: the run dir's record, whole."""
     copy = tmp_path / "r"
     shutil.copytree(results / PROFILE, copy / PROFILE)
     _study(copy).add_trial(optuna.trial.create_trial(
         value=99.0, params={"setting": "r=2", "seed": 0}, distributions=_dist()))
-    row = load.load_trials(copy, sweep="ratio").query("setting == 'r=2' and seed == 0").iloc[0]
-    assert row["source"] == "storage" and row["top1_err"] == 99.0  # the storage's objective stands
+    _study(copy, "squeeze-quick").add_trial(optuna.trial.create_trial(  # and one without a run dir
+        value=42.0, params={"setting": "avg", "seed": 7}, distributions=_dist(["avg", "max"], 7)))
+    rows = load.load_trials(copy)
+    row = rows.query("setting == 'r=2' and seed == 0").iloc[0]
+    assert row["source"] == "storage" and row["top1_err"] == pytest.approx(top1(RATIO["r=2"], 0))
     assert row["top5_err"] == pytest.approx(top5(RATIO["r=2"], 0)) and row["params_m"] == 0.61
+    alone = rows.query("setting == 'avg' and seed == 7").iloc[0]
+    assert alone["top1_err"] == 42.0 and math.isnan(alone["top5_err"])  # the objective is all there is
 
 
 def test_finished_run_whose_trial_was_declared_lost_still_counts(results, tmp_path):

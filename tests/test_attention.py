@@ -17,10 +17,11 @@ from test_se_patch import BACKBONES, expected_se_channels
 from ablations.complexity import complexity
 from ablations.data import InMemoryData
 from ablations.errors import SpecError
+from ablations.grid import _what_trains
 from ablations.patch import build_model, check_fits, se_blocks
 from ablations.probe import first_per_class, probe_excitations
-from ablations.spec import BackboneSpec, SESpec, load_profile, load_run_config, load_sweep, run_config
-from ablations.studies import _what_trains
+from ablations.schema import BackboneSpec, SESpec
+from ablations.spec import load_profile, load_run_config, load_sweep, run_config
 from analysis import load
 from analysis.render import render
 from analysis.tables import build_table
@@ -74,7 +75,7 @@ def test_params_equal_timm_block_args_model(name):
     assert count - plain == sum(n * module_params(name, c) for n, c, _ in RESNET50_MAPS)
 
 
-@pytest.mark.parametrize("name", TIMM_MODULES)
+@pytest.mark.parametrize("name", [TIMM_MODULES[0], *(pytest.param(n, marks=pytest.mark.slow) for n in TIMM_MODULES[1:])])
 def test_patched_model_is_numerically_timms(name):
     """resnet50 + <module> at the standard position == timm's resnet50(block_args={'attn_layer': ...}),
     same weights, in eval mode and in train mode (batch statistics, gradients)."""
@@ -165,6 +166,7 @@ def test_eca_macs():
         n * (eca_kernel(c) * c + 2 * c * h * h) for n, c, h in RESNET50_MAPS)
 
 
+@pytest.mark.slow
 def test_cbam_macs():
     # shared MLP on the avg- and max-pooled vectors (2 x 2 FCs of C*C/16), 7x7 conv on 2 maps, and
     # avg + max pooling + scaling (channel) and mean + max over channels + scaling (spatial): 6*C*H*W
@@ -172,6 +174,7 @@ def test_cbam_macs():
         n * (4 * c * (c // 16) + 2 * 49 * h * h + 6 * c * h * h) for n, c, h in RESNET50_MAPS)
 
 
+@pytest.mark.slow
 def test_gc_macs():
     # attention logits (1x1 conv C->1), attention pooling (C*H*W), MLP C->C/8->C, scaling
     assert added_macs(SESpec(attention="gc")) == sum(
@@ -294,7 +297,7 @@ def test_bad_attention_is_one_line_naming_the_key(spec, key, needle):
 
 
 def test_a_plugin_that_cannot_run_on_meta_is_counted_on_the_cpu(tmp_path):
-    from ablations.cli import complexity_rows
+    from ablations.cli_train import complexity_rows
 
     path = tmp_path / "host.yaml"
     path.write_text("settings:\n  - {label: plain, se: false}\n"

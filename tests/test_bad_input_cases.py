@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from analysis_fixtures import make_results
 
 from ablations import cli
 from ablations.errors import SpecError
-from ablations.spec import MAX_SEEDS, load_profile, load_sweep
+from ablations.schema import MAX_SEEDS
+from ablations.spec import load_profile, load_sweep
 
 ONE = "settings:\n  - {label: a, se: false}\n"
 
@@ -38,11 +38,6 @@ def _write(path: Path, text: str | bytes) -> Path:
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     return _write(tmp_path / "one.yaml", ONE)
-
-
-@pytest.fixture(scope="module")
-def fixture_results(tmp_path_factory) -> Path:
-    return make_results(tmp_path_factory.mktemp("fixture") / "results")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,9 +81,9 @@ def test_dashboard_port_out_of_range(port, tmp_path, capsys):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 @pytest.mark.parametrize("command", ["table", "status"])
-def test_a_garbage_or_truncated_optuna_db(damage, command, fixture_results, tmp_path, capsys):
+def test_a_garbage_or_truncated_optuna_db(damage, command, analysis_results, tmp_path, capsys):
     results = tmp_path / "results"
-    shutil.copytree(fixture_results, results)
+    shutil.copytree(analysis_results, results)
     db = results / "optuna.db"
     data = db.read_bytes()
     db.write_bytes(b"this is no database" * 300 if damage == "garbage" else data[: len(data) // 3])
@@ -97,11 +92,11 @@ def test_a_garbage_or_truncated_optuna_db(damage, command, fixture_results, tmp_
     _one_line(rc, err, f"error: --storage: sqlite:///{db}: cannot ")
 
 
-def test_analysis_reads_postgresql_urls_through_the_runners_resolver(fixture_results, capsys):
+def test_analysis_reads_postgresql_urls_through_the_runners_resolver(analysis_results, capsys):
     """`ablate table --storage postgresql://...` (the README's form) used to die on psycopg 3's ImportError;
     now it reaches the server (here: none listening) and says so."""
     for command in (["table", "ratio"], ["tables"], ["report"]):
-        rc, _, err = _cli(capsys, *command, "--results-dir", fixture_results,
+        rc, _, err = _cli(capsys, *command, "--results-dir", analysis_results,
                           "--storage", "postgresql://ablate:s3cret@127.0.0.1:1/sweeps")
         _one_line(rc, err, "error: --storage: postgresql+psycopg2://ablate:***@127.0.0.1:1/sweeps: cannot read the "
                            "storage: connection to server at \"127.0.0.1\", port 1 failed")

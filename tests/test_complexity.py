@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
-from ablations.cli import complexity_rows
+from ablations.cli_train import complexity_rows
 from ablations.complexity import complexity
 from ablations.patch import build_model
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
 
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_paper_tables_match_published():
     """Every published params/GFLOPs of Tables 10, 13, 15, 16 at the paper's precision.
 

@@ -3,33 +3,34 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, url_of
 
-from ablations import dashboard, studies
+from ablations import grid, study_notes
 from ablations.spec import load_profile, load_sweep
-
-ROOT = Path(__file__).resolve().parent.parent
+from ablations.storage import open_storage
 
 
 def ratio_plan(*overrides: str, sweep: str = "ratio", profile: str = "quick"):
     """The study's plan, built from the files alone: the paper and cifar profiles need a data root that
     `ablate run` would check, and a note does not."""
     loaded = load_sweep(sweep)
-    return studies.Plan(loaded, load_profile(profile, overrides), loaded.seeds, tuple(overrides))
+    return grid.Plan(loaded, load_profile(profile, overrides), loaded.seeds, tuple(overrides))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def open_with_note(storage, plan):
+    """What `ablate run` does: open the study, then save its note."""
+    study = grid.open_study(storage, plan)
+    study_notes.save_study_note(storage, study, plan)
+    return study
 
 
 def get_json(url: str):
@@ -39,7 +40,7 @@ def get_json(url: str):
 
 def test_note_has_description_and_published_numbers():
     plan = ratio_plan("train.epochs=2")
-    note = dashboard.study_note(plan)
+    note = study_notes.study_note(plan)
     assert note.startswith("## Table 10 (ratio), profile `quick`")
     assert plan.sweep.description.split(".")[0] in note
     assert "| r=16 | 22.28 | 6.03 | – | 28.1 |" in note  # the paper's Table 10 row, GFLOPs not given
@@ -50,13 +51,13 @@ def test_note_has_description_and_published_numbers():
 
 
 def test_note_says_published_errors_compare_only_for_the_papers_recipe():
-    assert "not the absolute errors" not in dashboard.study_note(ratio_plan(profile="paper"))
-    assert "not the absolute errors" in dashboard.study_note(ratio_plan(profile="cifar"))
-    assert "not the absolute errors" in dashboard.study_note(ratio_plan(profile="paper_sec5"))  # Tables 2-5
+    assert "not the absolute errors" not in study_notes.study_note(ratio_plan(profile="paper"))
+    assert "not the absolute errors" in study_notes.study_note(ratio_plan(profile="cifar"))
+    assert "not the absolute errors" in study_notes.study_note(ratio_plan(profile="paper_sec5"))  # Tables 2-5
 
 
 def test_note_of_a_sweep_with_its_own_sources():
-    note = dashboard.study_note(ratio_plan(sweep="attention", profile="paper"))
+    note = study_notes.study_note(ratio_plan(sweep="attention", profile="paper"))
     assert note.startswith("## Sweep attention (attention), profile `paper`")
     assert "### Published (each row's source, cited in the sweep file; ImageNet)" in note
     assert "| ECA | 22.52 | 6.32 | 3.86 | 24.4 | ECA-Net (Wang et al., CVPR 2020)" in note
@@ -67,26 +68,27 @@ def test_note_of_a_sweep_with_its_own_sources():
 def test_note_saved_once_and_rewritten_when_it_changes(tmp_path):
     from optuna_dashboard import get_note
 
-    storage = studies.open_storage(studies.storage_url(tmp_path, None))
+    storage = open_storage(url_of(tmp_path))
     plan = ratio_plan()
-    study = studies.open_study(storage, plan)
+    study = open_with_note(storage, plan)
     sid = storage.get_study_id_from_name(study.study_name)
-    assert get_note(study) == dashboard.study_note(plan)
-    assert study.metric_names == [dashboard.OBJECTIVE]
-    studies.open_study(storage, plan)
+    assert get_note(study) == study_notes.study_note(plan)
+    assert study.metric_names == [study_notes.OBJECTIVE]
+    open_with_note(storage, plan)
     assert storage.get_study_system_attrs(sid)["dashboard:note_ver"] == 1  # unchanged: not saved again
     more = ratio_plan()
-    more = studies.Plan(more.sweep.model_copy(update={"description": "new words"}), more.profile, 5)
-    studies.open_study(storage, more)
+    more = grid.Plan(more.sweep.model_copy(update={"description": "new words"}), more.profile, 5)
+    open_with_note(storage, more)
     assert storage.get_study_system_attrs(sid)["dashboard:note_ver"] == 2
     assert "new words" in get_note(study) and "5 seeds" in get_note(study)
 
 
-def test_dashboard_serves_the_study_list_over_http(tmp_path):
+@pytest.mark.slow
+def test_dashboard_serves_the_study_list_over_http_and_stops_on_sigterm(tmp_path, free_port):
     results = tmp_path / "results"
-    storage = studies.open_storage(studies.storage_url(results, None))
-    studies.open_study(storage, ratio_plan())
-    port = free_port()
+    storage = open_storage(url_of(results))
+    open_with_note(storage, ratio_plan())
+    port = free_port
     proc = subprocess.Popen(
         [sys.executable, "-m", "ablations", "dashboard", "--results-dir", str(results), "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -104,14 +106,15 @@ def test_dashboard_serves_the_study_list_over_http(tmp_path):
         (summary,) = [s for s in body["study_summaries"] if s["study_name"] == "ratio-quick"]
         status, detail = get_json(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}")
         assert status == 200 and "22.28" in detail["note"]["body"]
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the server stops and `ablate` exits cleanly
+        out, _ = proc.communicate(timeout=30)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
-    assert proc.returncode is not None
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert f"optuna-dashboard on sqlite:///{results}/optuna.db: http://127.0.0.1:{port}/" in out
+    assert "Traceback" not in out
 
 
 def test_dashboard_on_a_busy_port_is_a_one_line_error(tmp_path, capsys):

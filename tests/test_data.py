@@ -11,18 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
-from ablations.data import (
-    InMemoryData,
-    crop_flip,
-    input_stride,
-    load_data,
-    seed_for,
-    stratified_split,
-)
+from ablations.batches import seed_for
+from ablations.data import InMemoryData, crop_flip, load_data, stratified_split
 from ablations.errors import SpecError
 from ablations.folder_data import FolderData
-from ablations.spec import ROOT, BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.schema import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
+from ablations.stride import input_stride
 
 TINY = BackboneSpec(arch="resnet50", layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True,
                     num_classes=10)
@@ -263,7 +259,10 @@ def test_image_folder_with_workers(tmp_path):
     backbone = TINY.model_copy(update={"num_classes": 3})
     cfg = cfg_for(backbone, dataset="imagefolder", input_size=16, batch_size=2, workers=2)
     d = load_data(cfg, root=str(tmp_path))
-    ys = torch.cat([y for _, y in d.train_batches(epoch=1, seed=3)])
+    try:
+        ys = torch.cat([y for _, y in d.train_batches(epoch=1, seed=3)])
+    finally:
+        d.close()  # its workers live as long as the data set: left to the collector, they stall the next test
     assert sorted(ys.tolist()) == [0, 0, 1, 1, 2, 2]
 
 
@@ -298,6 +297,7 @@ def test_a_trial_cannot_change_the_next_ones_digits():
     assert len(torch.unique(second.train_y)) == 10
 
 
+@pytest.mark.slow
 def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     """`_digits` reads the file scikit-learn ships (its import costs every worker 1-2 s); what it reads
     must be exactly `load_digits()`, and the fallback through scikit-learn must give the same."""
@@ -324,19 +324,24 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     assert np.array_equal(data._digits_csv(), expected)
 
 
-def test_input_stride_ignores_se_and_is_measured_once_per_backbone():
-    from ablations.data import _input_stride
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_the_backbones_stride_is_every_settings_and_measured_once(small_stem):
+    """input_stride takes the backbone alone; every SE position and stage set downsamples exactly as it
+    does, so its stride is the stride of each setting's model."""
     from ablations.patch import build_model
+    from ablations.stride import _input_stride
 
+    backbone = TINY.model_copy(update={"small_stem": small_stem})
     _input_stride.cache_clear()
-    for se in (SESpec(), SESpec(position="pre"), None):
-        assert input_stride(TINY) == 8  # small stem: stages 3..5 halve the map
-        with torch.device("meta"):  # SE blocks never change a shape: the backbone answers for all
-            out = build_model(TINY, se).forward_features(torch.empty(1, 3, 64, 64))
-        assert out.shape[-1] == 64 // 8
-    assert _input_stride.cache_info().misses == 1
-    assert input_stride(TINY.model_copy(update={"small_stem": False})) == 32
-    assert _input_stride.cache_info().misses == 2
+    stride = input_stride(backbone)
+    assert stride == (8 if small_stem else 32)  # stages 3..5 halve the map; the ImageNet stem 4 more
+    side = 3 * stride  # a map of 3x3 at the last stage: a wrong stride would show in the shape
+    for se in (SESpec(), *(SESpec(position=p) for p in ("pre", "post", "identity", "3x3")),
+               SESpec(squeeze="none", stages=(2, 5)), None):
+        with torch.device("meta"):
+            out = build_model(backbone, se).forward_features(torch.empty(1, 3, side, side))
+        assert out.shape[-2:] == (side // stride, side // stride), se
+    assert input_stride(backbone) == stride and _input_stride.cache_info().misses == 1
 
 
 # Other bad input
@@ -522,7 +527,7 @@ def test_a_trial_on_a_folder_leaves_no_workers_behind(tmp_path):
     cfg = cfg.model_copy(update={"train": TrainSpec(epochs=2, threads=1, precise_bn=1)})
     before = set(multiprocessing.active_children())
     final = train(cfg, tmp_path / "run", device="cpu", data_root=str(tmp_path / "data"), progress=False)
-    assert final["epochs"] == 2 and 0 <= final["top1_err"] <= 100
+    assert final.epochs == 2 and 0 <= final.top1_err <= 100
     assert not [p for p in multiprocessing.active_children() if p not in before]
 
 
@@ -592,6 +597,7 @@ def test_decode_batch_falls_back_and_names_what_it_cannot_read(tmp_path):
     assert ft.probe_decoder(torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_crop_params_are_torchvisions_drawn_from_the_seed_alone():
     """The box and flip depend on (seed, size) only and leave torch's generator alone; over many seeds
     the boxes are distributed as torchvision's RandomResizedCrop draws them; an image too elongated for
@@ -676,6 +682,7 @@ def test_shared_memory_failures_become_one_line(tmp_path, monkeypatch, failure):
     assert "--shm-size" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_real_small_dev_shm(tmp_path):
     """On a real 1 MB /dev/shm (a private mount namespace; needs root): refused before the workers start,
     and, with that check skipped, torch's own failure mid-epoch comes out as the one line."""
@@ -688,7 +695,7 @@ def test_a_real_small_dev_shm(tmp_path):
     code = tmp_path / "load.py"
     code.write_text(
         "import sys\nfrom pathlib import Path\nfrom ablations import folder_data\n"
-        "from ablations.errors import SpecError\nfrom ablations.spec import DataSpec\n"
+        "from ablations.errors import SpecError\nfrom ablations.schema import DataSpec\n"
         "if sys.argv[1] == 'skip-check':\n    folder_data.check_shm = lambda *a: None\n"
         "spec = DataSpec(dataset='imagefolder', input_size=224, batch_size=8, eval_batch_size=8, workers=2)\n"
         "try:\n    d = folder_data.FolderData(Path(sys.argv[2]), spec)\n"

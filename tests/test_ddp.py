@@ -1,7 +1,7 @@
 """One trial on several processes (torchrun DDP), on CPU with gloo: device groups, per-rank data shards,
 batch norm over the global batch, and a 2-process trial against a 1-process one of the same global batch.
 
-Equivalence is tight because the CPU ranks synchronise BN statistics (ddp.CpuSyncBatchNorm, torch's
+Equivalence is tight because the CPU ranks synchronise BN statistics (distributed.CpuSyncBatchNorm, torch's
 SyncBatchNorm maths) and augmentation is off: random crops and flips are drawn per rank, so with them on
 two ranks see other crops than one process would (statistically the same, not bitwise).
 """
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from scale_helpers import ablate, load, write_sweep
+from helpers import ablate, load_study, tiny_cfg, write_sweep
 
-from ablations import ddp
+from ablations import ddp, devices
 from ablations.data import InMemoryData, load_data
-from ablations.errors import SpecError
-from ablations.spec import BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec
-from ablations.train import Dist, TrialFailed, evaluate, train
+from ablations.distributed import CpuSyncBatchNorm, CpuSyncBatchNormAct, Dist, sync_batchnorm_cpu
+from ablations.errors import SpecError, TrialFailed
+from ablations.schema import RunConfig
+from ablations.train import evaluate, train
 
 # Rounding differences (float sums in another order) must not grow: this tiny model's training amplifies
 # them. With SE at timm's init, one process on 1 vs 2 threads drifts ~1e-3 in loss after 24 steps at lr
@@ -34,14 +35,9 @@ REL_TOL = 1e-4
 
 
 def cfg(size: int = 256, **train_kw) -> RunConfig:
-    return RunConfig(
-        sweep="", profile="test", setting="SE", seed=3, se=SESpec(),
-        backbone=BackboneSpec(layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True, num_classes=4),
-        data=DataSpec(dataset="synthetic", synthetic_size=size, input_size=8, batch_size=32, crop_padding=0,
-                      hflip=False),
-        train=TrainSpec(**{"epochs": 3, "lr": 0.05, "threads": 1, "warmup_epochs": 0.5, "deterministic": True,
-                           **train_kw}),
-    )
+    """tiny_cfg on `size` images, unaugmented, 3 deterministic epochs."""
+    return tiny_cfg({"synthetic_size": size, "batch_size": 32, "crop_padding": 0, "hflip": False},
+                    **{"epochs": 3, "deterministic": True, **train_kw})
 
 
 def rows(run_dir: Path) -> list[dict[str, float]]:
@@ -55,32 +51,32 @@ def rows(run_dir: Path) -> list[dict[str, float]]:
 
 def test_device_groups_split_devices_per_worker():
     gpus = [f"cuda:{i}" for i in range(4)]
-    assert ddp.device_groups(gpus, 1) == gpus
-    assert ddp.device_groups(gpus, 2) == ["cuda:0,cuda:1", "cuda:2,cuda:3"]
-    assert ddp.device_groups(gpus[:3], 2) == ["cuda:0,cuda:1"]
-    assert ddp.device_groups(["cpu"], 2) == ["cpu,cpu"]
+    assert devices.device_groups(gpus, 1) == gpus
+    assert devices.device_groups(gpus, 2) == ["cuda:0,cuda:1", "cuda:2,cuda:3"]
+    assert devices.device_groups(gpus[:3], 2) == ["cuda:0,cuda:1"]
+    assert devices.device_groups(["cpu"], 2) == ["cpu,cpu"]
     with pytest.raises(SpecError, match="--nproc-per-node: 4 processes per trial need 4 distinct GPUs"):
-        ddp.device_groups(gpus[:2], 4)
+        devices.device_groups(gpus[:2], 4)
     with pytest.raises(SpecError, match="--nproc-per-node: must be a positive integer"):
-        ddp.device_groups(gpus, 0)
-    assert ddp.parse_group("cpu,cpu") == ["cpu", "cpu"]
+        devices.device_groups(gpus, 0)
+    assert devices.parse_group("cpu,cpu") == ["cpu", "cpu"]
     for bad in ("cpu", "cuda:0,cuda:0", "cpu,cuda:0", "cuda,cuda:1"):
         with pytest.raises(SpecError, match="--device"):
-            ddp.parse_group(bad)
+            devices.parse_group(bad)
 
 
 def test_worker_device_for_nproc():
     def resolve(spec):
         return ["cpu"] if spec in (None, "cpu") else spec.split(",")
 
-    assert ddp.worker_device(None, 1, resolve) is None
-    assert ddp.worker_device("cpu", 2, resolve) == "cpu,cpu"
-    assert ddp.worker_device(None, 3, resolve) == "cpu,cpu,cpu"
-    assert ddp.worker_device("cuda:2,cuda:3", 2, resolve) == "cuda:2,cuda:3"
+    assert devices.worker_device(None, 1, resolve) is None
+    assert devices.worker_device("cpu", 2, resolve) == "cpu,cpu"
+    assert devices.worker_device(None, 3, resolve) == "cpu,cpu,cpu"
+    assert devices.worker_device("cuda:2,cuda:3", 2, resolve) == "cuda:2,cuda:3"
     with pytest.raises(SpecError, match="--device: cuda:1,cuda:2,cuda:3: lists 3 devices"):
-        ddp.worker_device("cuda:1,cuda:2,cuda:3", 2, resolve)
+        devices.worker_device("cuda:1,cuda:2,cuda:3", 2, resolve)
     with pytest.raises(SpecError, match="one device per worker"):
-        ddp.worker_device("cuda:0,cuda:1", 1, resolve)
+        devices.worker_device("cuda:0,cuda:1", 1, resolve)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,10 +119,10 @@ def one_rank_group(tmp_path):
 def test_cpu_sync_batchnorm_is_batchnorm_on_one_rank(one_rank_group):
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-    synced = ddp.sync_batchnorm_cpu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+    synced = sync_batchnorm_cpu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
                                                         torch.nn.ReLU()))
     synced.load_state_dict(plain.state_dict())
-    assert isinstance(synced[1], ddp.CpuSyncBatchNorm)
+    assert isinstance(synced[1], CpuSyncBatchNorm)
     assert set(synced.state_dict()) == set(plain.state_dict())
     x = torch.randn(6, 3, 9, 9)
     for model in (plain, synced):
@@ -149,10 +145,10 @@ def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
     c = cfg(size=96, lr=0.01)  # 6 steps: see REL_TOL
     single = train(c, tmp_path / "one", device="cpu", progress=False)
     seen = []
-    double = train(c, tmp_path / "two", device="cpu,cpu", progress=False, on_epoch=seen.append)
+    double = ddp.launch(c, tmp_path / "two", device="cpu,cpu", progress=False, on_epoch=seen.append)
 
     assert [r["epoch"] for r in seen] == [1, 2, 3]  # the launcher relayed rank 0's epochs as they came
-    assert double["device"] == "cpu x2" and double["epochs"] == 3
+    assert double.device == "cpu x2" and double.epochs == 3
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
     worst = 0.0
     for r1, r2 in zip(a, b, strict=True):
@@ -161,10 +157,10 @@ def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
             worst = max(worst, abs(r2[key] - r1[key]) / max(abs(r1[key]), 1e-12))
     print(f"2 gloo ranks vs 1 process: worst relative difference {worst:.2e} over {len(a)} epochs")
     for key in ("top1_err", "top5_err", "val_loss", "params", "macs"):
-        assert double[key] == pytest.approx(single[key], rel=REL_TOL, abs=1e-6), key
+        assert getattr(double, key) == pytest.approx(getattr(single, key), rel=REL_TOL, abs=1e-6), key
     # Only rank 0 wrote: the same files as the single process, nothing per rank.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert json.loads((tmp_path / "two" / "final.json").read_text()) == double
+    assert json.loads((tmp_path / "two" / "final.json").read_text()) == double.to_json()
 
     # The reported validation numbers are the all-reduced ones of the model rank 0 checkpointed.
     from ablations.patch import build_model
@@ -179,7 +175,7 @@ def test_two_gloo_ranks_match_one_process_of_the_same_global_batch(tmp_path):
 @pytest.mark.slow
 def test_diverging_ddp_trial_is_trial_failed_with_the_ranks_reason(tmp_path):
     with pytest.raises(TrialFailed, match="training loss is (nan|inf).*diverged"):
-        train(cfg(lr=1e8, warmup_epochs=0, epochs=1), tmp_path, device="cpu,cpu", progress=False)
+        ddp.launch(cfg(lr=1e8, warmup_epochs=0, epochs=1), tmp_path, device="cpu,cpu", progress=False)
     assert not (tmp_path / "final.json").exists()
 
 
@@ -191,7 +187,7 @@ def test_ablate_run_with_nproc_per_node_records_the_ddp_trial_in_optuna(tmp_path
                   "--set", "train.epochs=2", "--set", "backbone.layers=[1,1,1,1]")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    (trial,) = load(f"sqlite:///{results / 'optuna.db'}").trials
+    (trial,) = load_study(results).trials
     assert trial.state.name == "COMPLETE" and trial.user_attrs["device"] == "cpu x2"
     assert trial.user_attrs["worker"] == f"{socket.gethostname()}:{proc.pid}"  # the worker, not a rank
     assert sorted(trial.intermediate_values) == [1, 2]
@@ -207,10 +203,10 @@ def test_cpu_sync_batchnorm_keeps_timms_bn_activation(one_rank_group):
 
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=torch.nn.SiLU))
-    synced = ddp.sync_batchnorm_cpu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3),
+    synced = sync_batchnorm_cpu(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3),
                                                         BatchNormAct2d(8, act_layer=torch.nn.SiLU)))
     synced.load_state_dict(plain.state_dict())
-    assert isinstance(synced[1], ddp.CpuSyncBatchNormAct) and set(synced.state_dict()) == set(plain.state_dict())
+    assert isinstance(synced[1], CpuSyncBatchNormAct) and set(synced.state_dict()) == set(plain.state_dict())
     x = torch.randn(6, 3, 9, 9)
     torch.testing.assert_close(synced(x), plain(x))  # training mode: batch statistics, then SiLU
     assert (plain(x) < 0).any()  # SiLU, not ReLU or nothing: the comparison sees the activation

@@ -15,11 +15,12 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 
 from ablations.cli import main
 from ablations.complexity import complexity
-from ablations.data import input_stride
 from ablations.errors import SpecError
 from ablations.patch import build_model, se_blocks
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec, load_profile, load_sweep, run_config
+from ablations.spec import load_profile, load_sweep, run_config
+from ablations.stride import input_stride
 
 torch.set_num_threads(1)
 
@@ -127,7 +128,7 @@ def test_paper_se_in_the_slot_trains():
     assert all(m.fc1.weight.grad is not None for m in blocks.values())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [ARCHS[0], *(pytest.param(a, marks=pytest.mark.slow) for a in ARCHS[1:])])
 def test_small_stem_makes_the_total_stride_8(arch):
     assert input_stride(BackboneSpec(arch=arch)) == 32
     assert input_stride(BackboneSpec(arch=arch, small_stem=True)) == 8

@@ -6,12 +6,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ablations.errors import SpecError
-from ablations.spec import Profile, Sweep, load_profile, load_sweep
+from ablations.schema import Profile, Sweep
+from ablations.spec import load_profile, load_sweep
+
+pytestmark = pytest.mark.slow  # 150 examples each: tens of seconds
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="ablate-fuzz-"))  # one directory for every example (no fixtures)

@@ -9,20 +9,21 @@ import stat
 from pathlib import Path
 
 import pytest
-from optuna.trial import TrialState
-from pg_server import pg_server, pg_url  # noqa: F401 -- fixtures
-from scale_helpers import (
-    TINY,
+from helpers import (
+    SMALL_QUICK,
     ablate,
     completes_per_point,
     create_study,
-    load,
+    load_study,
     make_plans,
+    set_options,
+    url_of,
     wait_for,
     write_sweep,
 )
+from optuna.trial import TrialState
 
-from ablations import cli, launch, studies
+from ablations import cli, launch, storage_url
 from ablations.errors import SpecError
 
 ONE_SETTING = [{"label": "r=16", "reduction": 16}]
@@ -55,7 +56,7 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
     return scripts
 
 
-def test_slurm_job_array_has_the_requested_resources_and_requeues(tmp_path, fake_slurm, pg_url, capsys):  # noqa: F811
+def test_slurm_job_array_has_the_requested_resources_and_requeues(tmp_path, fake_slurm, pg_url, capsys):
     from submitit.core.utils import DelayedSubmission
 
     sweep = write_sweep(tmp_path, settings=ONE_SETTING, seeds=3)
@@ -76,11 +77,11 @@ def test_slurm_job_array_has_the_requested_resources_and_requeues(tmp_path, fake
     assert [w.index for w in workers] == [0, 1, 2]
     assert all(w.device == "cuda:0,cuda:1" and w.studies == ["mini-quick"] for w in workers)
     # The URL (a password, on a real cluster) is not in the 0644 job pickles: the jobs inherit it.
-    assert os.environ[launch.STORAGE_ENV] == studies.storage_url(".", pg_url)
+    assert os.environ[launch.STORAGE_ENV] == storage_url.resolve(".", pg_url)
     assert "#SBATCH --export=ALL" in text
     assert not any(pg_url.split("@")[1] in p.read_bytes().decode("latin-1") for p in logs.rglob("*.pkl"))
     # The grid was queued before submission: the jobs only have to claim it.
-    study = load(studies.storage_url(".", pg_url))
+    study = load_study(storage_url.resolve(".", pg_url))
     assert sorted(t.state.name for t in study.trials) == ["WAITING"] * 3
 
 
@@ -111,11 +112,11 @@ def test_local_executor_runs_a_real_tiny_study_to_completion(tmp_path):
     sweep = write_sweep(tmp_path, settings=[*ONE_SETTING, {"label": "original", "se": False}], seeds=1)
     results = tmp_path / "results"
     proc = ablate("launch", "--slurm", "--executor", "local", str(sweep), "--array", "2", "--wait",
-                  "--results-dir", str(results), *[x for s in [*TINY, "train.epochs=1"] for x in ("--set", s)])
+                  "--results-dir", str(results), *set_options([*SMALL_QUICK, "train.epochs=1"]))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (out, err[-3000:])
     assert "submitted 2 worker(s) for mini-quick (local)" in out
-    study = load(f"sqlite:///{results / 'optuna.db'}")
+    study = load_study(results)
     assert completes_per_point(study) == {("r=16", 0): 1, ("original", 0): 1}
     assert len(study.trials) == 2
     logs = list((results / "launch").glob("*/*_log.out"))
@@ -125,22 +126,22 @@ def test_local_executor_runs_a_real_tiny_study_to_completion(tmp_path):
 @pytest.mark.slow
 def test_preempted_worker_is_requeued_and_its_trial_resumes_from_the_checkpoint(tmp_path):
     results = tmp_path / "results"
-    url = studies.storage_url(results, None)
-    plans = make_plans(write_sweep(tmp_path, settings=ONE_SETTING, seeds=1), overrides=[*TINY, "train.epochs=3"])
+    url = url_of(results)
+    plans = make_plans(write_sweep(tmp_path, settings=ONE_SETTING, seeds=1), *SMALL_QUICK, "train.epochs=3")
     create_study(url, plans)
     executor = launch.make_executor("local", tmp_path / "logs", array=1, name="t", time_min=30, gpus_per_node=0)
     (job,) = launch.submit(executor, [launch.SlurmWorker(["mini-quick"], str(results), "cpu")], url)
     run_dir = results / "quick" / "mini" / "r=16" / "seed0"
 
     def first_attempt_past_epoch_1():
-        (t,) = load(url).trials
+        (t,) = load_study(url).trials
         return t if t.state == TrialState.RUNNING and (run_dir / "checkpoint.pt").exists() else None
 
     victim = wait_for(first_attempt_past_epoch_1, 300, "the worker to finish epoch 1")
     os.kill(victim.user_attrs["pid"], signal.SIGUSR2)  # what SLURM sends before preempting the job
     assert job.result() == {"COMPLETE": 1}  # the requeued job carried on and finished the study
 
-    study = load(url)
+    study = load_study(url)
     first, retry = study.trials
     assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"] == "interrupted"  # handed back
     assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == first.number

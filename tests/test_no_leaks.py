@@ -8,17 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_server import pg_server, pg_url  # noqa: F401 -- fixtures
-from scale_helpers import ablate, write_sweep
+from helpers import TINY_SET, ablate, free_port, set_options, write_sweep
 
 from ablations.storage_url import MASK
 
 PASSWORD = "Leak-Check-7f3a9c"
-# The tiny synthetic set of tests/test_train.py, one epoch: seconds per trial.
-TINY = ["backbone.layers=[1,1,1,1]", "backbone.channels=[16,16,16,16]", "backbone.num_classes=4",
-        "backbone.small_stem=true", "data.dataset=synthetic", "data.synthetic_size=64", "data.input_size=8",
-        "data.batch_size=16", "train.epochs=1", "train.threads=1"]
-SETS = [x for s in TINY for x in ("--set", s)]
+SETS = set_options([*TINY_SET, "backbone.small_stem=true", "train.epochs=1"])  # seconds per trial
 
 
 def with_password(url: str) -> str:
@@ -34,8 +29,6 @@ def run(*argv: str, expect: int, **env: str) -> str:
 
 
 def dashboard_banner(url: str, results: Path) -> str:
-    from pg_server import free_port
-
     proc = ablate("dashboard", "--storage", url, "--results-dir", str(results), "--port", str(free_port()))
     text, deadline = "", time.monotonic() + 120
     try:
@@ -54,7 +47,7 @@ def every_file_under(root: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_the_storage_password_is_in_no_output_and_no_file(tmp_path, pg_server):  # noqa: F811
+def test_the_storage_password_is_in_no_output_and_no_file(tmp_path, pg_server):
     url, empty = with_password(pg_server.create_database()), with_password(pg_server.create_database())
     results = tmp_path / "results"
     one = [{"label": "r=16", "reduction": 16}]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from scale_helpers import FAKE, make_plans
+from helpers import FAKE, make_plans, url_of
 
-from ablations import cli, paths, scheduler, storage_url, studies
+from ablations import cli, rundir, storage_url, supervisor
 from ablations.errors import SpecError
 from ablations.spec import load_sweep
 
@@ -63,8 +63,7 @@ def test_hostile_labels_train_inside_their_sweep_directory(tmp_path):
     results = tmp_path / "results"
     plans = make_plans(sweep)
     before = files_under(tmp_path)
-    assert scheduler.run(plans, studies.storage_url(results, None), results, ["cpu"], 1, trainer=FAKE,
-                         bars=False) == 0
+    assert supervisor.run(plans, url_of(results), results, ["cpu"], 1, trainer=FAKE, bars=False) == 0
     written = files_under(tmp_path) - before
     assert written and all(results in p.parents for p in written)
     sweep_dir = results / "quick" / "hostile"
@@ -72,7 +71,7 @@ def test_hostile_labels_train_inside_their_sweep_directory(tmp_path):
     assert len(run_dirs) == len(HOSTILE_LABELS)
     assert all(d.parent.parent == sweep_dir and d.name == "seed0" for d in run_dirs)
     assert len({d.parent.name for d in run_dirs}) == len(HOSTILE_LABELS)  # one directory each
-    assert {paths.label_dir(x) for x in HOSTILE_LABELS} == {d.parent.name for d in run_dirs}
+    assert {rundir.label_dir(x) for x in HOSTILE_LABELS} == {d.parent.name for d in run_dirs}
 
 
 @pytest.mark.parametrize(("label", "directory"), [
@@ -80,7 +79,7 @@ def test_hostile_labels_train_inside_their_sweep_directory(tmp_path):
     ("table.md", "table.md_"), ("", "_"),
 ])
 def test_label_directories(label, directory):
-    assert paths.label_dir(label) == directory
+    assert rundir.label_dir(label) == directory
 
 
 @pytest.mark.parametrize("labels", [["a/b", "a_b"], ["SE", "se"], ["..", "__"]])
@@ -97,18 +96,18 @@ def test_over_long_labels_are_refused_with_the_limit(tmp_path, capsys):
     rc, err = _cli(capsys, "run", sweep, "--results-dir", tmp_path / "results")
     _one_line(rc, err, "settings[0].label: label is 300 characters long; at most 100")
     assert not (tmp_path / "results").exists()
-    sweep.write_text(yaml.safe_dump({"settings": [{"label": "x" * paths.MAX_LABEL}]}))
-    assert load_sweep(sweep).settings[0].slug == "x" * paths.MAX_LABEL
+    sweep.write_text(yaml.safe_dump({"settings": [{"label": "x" * rundir.MAX_LABEL}]}))
+    assert load_sweep(sweep).settings[0].slug == "x" * rundir.MAX_LABEL
 
 
 def test_every_path_helper_stays_inside_the_results_dir(tmp_path):
     r = tmp_path / "results"
-    for made in (paths.run_dir(r, "quick", "ratio", "../../..", 0), paths.sweep_dir(r, "quick", "ratio"),
-                 paths.analysis_dir(r, "quick", "tables"), paths.report_file(r, "quick"),
-                 paths.launch_dir(r), paths.storage_file(r)):
+    for made in (rundir.run_dir(r, "quick", "ratio", "../../..", 0), rundir.sweep_dir(r, "quick", "ratio"),
+                 rundir.analysis_dir(r, "quick", "tables"), rundir.report_file(r, "quick"),
+                 rundir.launch_dir(r), rundir.storage_file(r)):
         assert r in made.parents
-    for bad in (lambda: paths.run_dir(r, "quick", "../x", "a", 0), lambda: paths.profile_dir(r, "/etc"),
-                lambda: paths.run_dir(r, "quick", "ratio", "a", -1), lambda: paths._inside(r, "..", "x")):
+    for bad in (lambda: rundir.run_dir(r, "quick", "../x", "a", 0), lambda: rundir.profile_dir(r, "/etc"),
+                lambda: rundir.run_dir(r, "quick", "ratio", "a", -1), lambda: rundir._inside(r, "..", "x")):
         with pytest.raises(SpecError):
             bad()
 
@@ -144,23 +143,24 @@ def test_scrub_masks_a_password_a_driver_echoes():
     assert storage_url.scrub(f"failed for {url}: password s3cret rejected", url).count("s3cret") == 0
 
 
-def test_the_runner_and_the_analysis_resolve_storage_alike(tmp_path):
-    from analysis.load import resolve_storage
-
+def test_reading_resolves_storage_as_running_does(tmp_path):
+    """The analysis and `ablate status` read through `existing`, the runner opens `resolve`'s URL."""
     pg = "postgresql://u:pw@db:5432/x"
-    assert resolve_storage(tmp_path, pg) == studies.storage_url(tmp_path, pg)
-    assert resolve_storage(tmp_path, pg).startswith("postgresql+psycopg")  # the driver the runner uses
-    assert resolve_storage(tmp_path, None) is None  # no optuna.db: nothing to read, nothing created
+    assert storage_url.existing(tmp_path, pg) == storage_url.resolve(tmp_path, pg)
+    assert storage_url.existing(tmp_path, pg).startswith("postgresql+psycopg")  # the driver the runner uses
+    assert storage_url.existing(tmp_path, None) is None  # no optuna.db: nothing to read, nothing created
     (tmp_path / "optuna.db").touch()
-    assert resolve_storage(tmp_path, None) == studies.storage_url(tmp_path, None)
+    assert storage_url.existing(tmp_path, None) == storage_url.resolve(tmp_path, None)
 
 
 def test_the_dashboard_banner_masks_the_password(tmp_path, monkeypatch, capsys):
     import optuna_dashboard
 
+    from ablations import storage
+
     served = []
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append(port))
-    monkeypatch.setattr(studies, "open_storage", lambda url, checked=False: object())
+    monkeypatch.setattr(storage, "open_storage", lambda url, tables_ready=False: object())
     rc = cli.main(["dashboard", "--storage", "postgresql://u:s3cret@db/x", "--port", "8123"])
     err = capsys.readouterr().err
     assert rc == 0 and served == [8123]

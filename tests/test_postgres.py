@@ -7,27 +7,28 @@ import multiprocessing as mp
 import time
 
 import pytest
-from optuna.trial import TrialState
-from pg_server import pg_server, pg_url  # noqa: F401 -- fixtures
-from scale_helpers import (
-    TINY,
+from helpers import (
+    SMALL_QUICK,
     ablate,
     completes_per_point,
     create_study,
     hold_grid_lock,
-    load,
+    load_study,
     make_plans,
     run_sweep_in_process,
     write_sweep,
 )
+from optuna.trial import TrialState
 
-from ablations import studies
-from ablations.studies import grid_lock
+from ablations.storage import grid_lock, open_storage
+from ablations.storage_url import resolve
+
+pytestmark = pytest.mark.slow  # a PostgreSQL server and several processes per test
 
 
-def test_grid_lock_excludes_other_processes(pg_url):  # noqa: F811
-    url = studies.storage_url(".", pg_url)
-    storage = studies.open_storage(url)
+def test_grid_lock_excludes_other_processes(pg_url):
+    url = resolve(".", pg_url)
+    storage = open_storage(url)
     ctx = mp.get_context("spawn")
     stamps = ctx.Queue()
     holder = ctx.Process(target=hold_grid_lock, args=(url, 1.5, stamps))
@@ -43,8 +44,8 @@ def test_grid_lock_excludes_other_processes(pg_url):  # noqa: F811
     assert got_it - held_at >= 1.4
 
 
-def test_three_runs_at_once_complete_every_point_exactly_once(tmp_path, pg_url):  # noqa: F811
-    url = studies.storage_url(".", pg_url)
+def test_three_runs_at_once_complete_every_point_exactly_once(tmp_path, pg_url):
+    url = resolve(".", pg_url)
     plans = make_plans(write_sweep(tmp_path, seeds=3))
     ctx = mp.get_context("spawn")
     results = tmp_path / "results"
@@ -55,7 +56,7 @@ def test_three_runs_at_once_complete_every_point_exactly_once(tmp_path, pg_url):
     for p in procs:
         p.join(180)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    study = load(url)
+    study = load_study(url)
     grid = plans[0].grid()
     assert completes_per_point(study) == {p: 1 for p in grid}
     assert len(study.trials) == len(grid) == 9  # nothing queued twice, nothing failed or retried
@@ -63,19 +64,19 @@ def test_three_runs_at_once_complete_every_point_exactly_once(tmp_path, pg_url):
 
 
 @pytest.mark.slow
-def test_three_ablate_workers_join_one_study(tmp_path, pg_url):  # noqa: F811
+def test_three_ablate_workers_join_one_study(tmp_path, pg_url):
     """`ablate worker --study NAME --storage postgresql://...`, three times, real trainer: each grid point
     trained once, by whichever worker claimed it."""
     plans = make_plans(write_sweep(tmp_path, settings=[{"label": "r=16", "reduction": 16},
                                                        {"label": "original", "se": False}], seeds=2),
-                       overrides=[*TINY, "train.epochs=1"])
-    create_study(studies.storage_url(".", pg_url), plans)
+                       *SMALL_QUICK, "train.epochs=1")
+    create_study(resolve(".", pg_url), plans)
     results = tmp_path / "results"
     procs = [ablate("worker", "--study", "mini-quick", "--storage", pg_url, "--results-dir", str(results),
                     "--device", "cpu") for _ in range(3)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
-    study = load(studies.storage_url(".", pg_url))
+    study = load_study(resolve(".", pg_url))
     assert completes_per_point(study) == {p: 1 for p in plans[0].grid()}
     assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
     for t in study.trials:

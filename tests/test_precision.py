@@ -1,5 +1,5 @@
 """Seeds by precision: the stopping rule on hand-made trial frames, then `ablate run --precision` with
-the fake trainer (scale_helpers): rounds until the rule stops, the cap, and kill -9 mid-loop."""
+the fake trainer (helpers.fake_train): rounds until the rule stops, the cap, and kill -9 mid-loop."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import FAKE, SETTINGS, completes_per_point, load_study, make_plans, url_of, wait_for, write_sweep
 from optuna.trial import TrialState
-from scale_helpers import FAKE, SETTINGS, completes_per_point, load, make_plans, wait_for, write_sweep
 from scipy.stats import ttest_rel
 from statsmodels.stats.power import TTestPower
 
-from ablations import cli, rounds, studies, worker
-from ablations.spec import Setting, Sweep, load_sweep
+from ablations import cli, rounds, worker
+from ablations.schema import Setting, Sweep
+from ablations.spec import load_sweep
 from analysis.load import COLUMNS, load_trials
 from analysis.precision import decide, row_mdes
 
@@ -124,17 +125,15 @@ def test_without_a_reference_each_row_uses_its_own_spread():
 
 
 @pytest.fixture
-def fake(monkeypatch):
+def fake(monkeypatch, fake_trainer):
     """`ablate run` trains with the fake trainer; per-seed errors have a spread of FAKE_NOISE."""
-    monkeypatch.setattr(worker, "TRAINER", FAKE)  # what the rounds train with when not told otherwise
-    for name in ("FAKE_NAN_SETTING", "FAKE_CRASH_SETTING", "FAKE_EPOCH_S"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(worker, "TRAINER", fake_trainer)  # what the rounds train with when not told otherwise
     monkeypatch.setenv("FAKE_NOISE", "1.0")
 
 
 def rule_holds(results: Path, sweep: Path, precision: float, max_seeds: int) -> tuple[int, list[int]]:
     """The study's final seed count and rounds, after checking each round followed the rule."""
-    study = load(studies.storage_url(results, None))
+    study = load_study(results)
     seeds, record = study.user_attrs["seeds"], study.user_attrs["precision"]
     trials = load_trials(results, sweep="mini", profile="quick").astype({"seed": int})
     for now, after in zip(record["rounds"], [*record["rounds"][1:], None]):
@@ -146,6 +145,7 @@ def rule_holds(results: Path, sweep: Path, precision: float, max_seeds: int) -> 
     return seeds, record["rounds"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)  # fake trials take milliseconds
 def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
     results, sweep = tmp_path / "results", write_sweep(tmp_path, seeds=2)
@@ -158,7 +158,7 @@ def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
     assert out.out.count("Table 10") == 1  # the last round's table only: no peeking at earlier ones
     last = out.out.strip().splitlines()[-1]
     assert last.startswith(f"mini-quick: {seeds} seeds; precision 3 reached (worst MDE ")
-    assert load(studies.storage_url(results, None)).user_attrs["precision"]["reached"] is True
+    assert load_study(results).user_attrs["precision"]["reached"] is True
 
     assert cli.main(argv) == 0  # again: nothing to train, the same verdict
     assert rule_holds(results, sweep, 3.0, 20) == (seeds, rounds_run)
@@ -166,6 +166,7 @@ def test_run_adds_rounds_until_the_precision_is_met(tmp_path, fake, capsys):
     assert last.startswith(f"mini-quick: {seeds} seeds; precision 3 reached")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_run_stops_at_max_seeds(tmp_path, fake, capsys):
     results, sweep = tmp_path / "results", write_sweep(tmp_path, seeds=2)
@@ -179,7 +180,7 @@ def test_run_stops_at_max_seeds(tmp_path, fake, capsys):
 
 def _loop_in_process(plans, results: str, epoch_s: str) -> None:
     os.environ.update(FAKE_EPOCH_S=epoch_s, FAKE_NOISE="1.0")
-    url = studies.storage_url(results, None)
+    url = url_of(Path(results))
     raise SystemExit(rounds.run(plans, url, Path(results), ["cpu"], 1, 2.5, 20, trainer=FAKE, bars=False))
 
 
@@ -187,7 +188,7 @@ def _loop_in_process(plans, results: str, epoch_s: str) -> None:
 @pytest.mark.timeout(300)
 def test_kill_9_mid_loop_then_rerun_completes_each_point_once_at_the_same_seeds(tmp_path, fake):
     sweep = write_sweep(tmp_path, seeds=3)
-    plans = make_plans(sweep, overrides=["train.epochs=2"])
+    plans = make_plans(sweep, "train.epochs=2")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_loop_in_process, args=(plans, str(whole), "0"))
@@ -198,10 +199,10 @@ def test_kill_9_mid_loop_then_rerun_completes_each_point_once_at_the_same_seeds(
 
     p = ctx.Process(target=_loop_in_process, args=(plans, str(cut), "0.2"))
     p.start()
-    url = studies.storage_url(cut, None)
+    url = url_of(cut)
 
     def second_round_training():
-        study = load(url)
+        study = load_study(url)
         if study.user_attrs["seeds"] <= 3:
             return None
         running = study.get_trials(states=(TrialState.RUNNING,))
@@ -211,12 +212,12 @@ def test_kill_9_mid_loop_then_rerun_completes_each_point_once_at_the_same_seeds(
     wait_for(second_round_training, 120, "a trial of the second round to be mid-way")
     os.kill(p.pid, signal.SIGKILL)
     p.join()
-    assert load(url).user_attrs["seeds"] == expected[1][1]  # the grown count is in the study
+    assert load_study(url).user_attrs["seeds"] == expected[1][1]  # the grown count is in the study
 
     p = ctx.Process(target=_loop_in_process, args=(plans, str(cut), "0"))
     p.start()
     p.join(120)
     assert p.exitcode == 0
     assert rule_holds(cut, sweep, 2.5, 20) == expected  # every point COMPLETE once, same rounds and seeds
-    killed = [t for t in load(url).trials if t.state == TrialState.FAIL]
+    killed = [t for t in load_study(url).trials if t.state == TrialState.FAIL]
     assert killed and all("died" in t.user_attrs["fail_reason"] for t in killed)

@@ -11,8 +11,8 @@ from torch import nn
 from ablations.data import InMemoryData
 from ablations.patch import build_model
 from ablations.probe import load_excitations, probe_excitations, save_excitations
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
 
 
 def identity_se(channels: int, squeeze: str = "avg", name: str = "SE_2_1") -> SEModule:

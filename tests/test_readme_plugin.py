@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.cli import complexity_rows
+from ablations.cli_train import complexity_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_MAPS = [(3, 256, 56), (4, 512, 28), (6, 1024, 14), (3, 2048, 7)]  # ResNet-50 blocks, C, H at 224

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ablations.schedule import Plateau, lr_at, lr_cuts, plateau, plateau_state
-from ablations.spec import TrainSpec
+from ablations.schema import TrainSpec
 
 
 def torch_reductions(losses: list[float], patience: int, threshold: float) -> list[int]:

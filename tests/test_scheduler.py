@@ -1,13 +1,12 @@
-"""The sweep scheduler: studies, exactly-once grid, recovery of dead workers, workers, CLI errors.
+"""Running sweeps: studies, exactly-once grid, recovery of dead workers, workers, CLI errors.
 
-Fast tests train with `scale_helpers.fake_train` (same contract as ablations.train.train: resumes from a
-checkpoint in its run dir, returns final.json's contents, raises TrialFailed for a NaN loss) so they
-exercise the scheduler, not the network. The `slow` tests at the end run the real trainer end to end.
+Fast tests train with `helpers.fake_train` (the contract of ablations.train.train: resumes from a
+checkpoint in its run dir, returns the final record, raises TrialFailed for a NaN loss) so they
+exercise the scheduling, not the network. The `slow` tests at the end run the real trainer end to end.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -21,61 +20,52 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import (
+    FAKE,
+    ROOT,
+    SETTINGS,
+    calls,
+    completes_per_point,
+    create_study,
+    env,
+    load_study,
+    make_plans,
+    url_of,
+    write_sweep,
+)
 from optuna.trial import TrialState
-from scale_helpers import FAKE, SETTINGS, calls, completes_per_point, create_study
 
-from ablations import cli, scheduler, studies, worker
-from ablations.errors import SpecError
-from ablations.studies import grid_lock
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from ablations import cli, devices, grid, processes, recovery, resilience, storage_url, supervisor, worker
+from ablations.errors import SpecError, StorageError
+from ablations.progress import Progress, study_status
+from ablations.storage import grid_lock, open_storage
+from ablations.trials import MAX_RETRY, fail, grid_point, pop_waiting, requeue, trial_id, trials_in
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 
-
-def write_sweep(tmp_path: Path, name: str = "mini", settings=None, **extra) -> Path:
-    data = {"description": "a tiny test sweep", "table": 10, "reference": "original", "seeds": 2,
-            "settings": SETTINGS if settings is None else settings, **extra}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def make_plans(sweep: Path, *overrides: str, seeds: int | None = None, data_root: str | None = None):
-    args = argparse.Namespace(sweeps=[str(sweep)], profile="quick", set=["train.epochs=3", *overrides],
-                              seeds=seeds, data_root=data_root)
-    return scheduler.plans_from_args(args)
+pytestmark = pytest.mark.usefixtures("fake_trainer")  # every FAKE_* knob unset unless a test sets it
 
 
 def queued_study(tmp_path: Path, results: Path, **plan_kwargs):
-    """A mini sweep's study with its whole grid queued (scale_helpers.create_study): plan, storage, study."""
+    """A mini sweep's study with its whole grid queued (helpers.create_study): plan, storage, study."""
     (plan,) = plans = make_plans(write_sweep(tmp_path), **plan_kwargs)
     study = create_study(url_of(results), plans)
-    return plan, studies.open_storage(url_of(results)), study
-
-
-def url_of(results: Path) -> str:
-    return studies.storage_url(results, None)
-
-
-def load(results: Path, name: str = "mini-quick") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url_of(results))
+    return plan, open_storage(url_of(results)), study
 
 
 def run_fake(tmp_path: Path, results: Path, workers: int = 1, **plan_kw) -> int:
     plans = make_plans(write_sweep(tmp_path), **plan_kw)
-    return scheduler.run(plans, url_of(results), results, ["cpu"], workers, trainer=FAKE, bars=False)
+    return supervisor.run(plans, url_of(results), results, ["cpu"], workers, trainer=FAKE, bars=False)
 
 
 def claim(results: Path, host: str, pid: int, name: str = "mini-quick"):
     """Queue the grid and claim one trial as a worker `host:pid` would; returns (storage, study, trial)."""
-    storage = studies.open_storage(url_of(results))
+    storage = open_storage(url_of(results))
     study = optuna.load_study(study_name=name, storage=storage)
     with grid_lock(storage):
-        trial = studies.pop_waiting(storage, study)
-    tid = studies.trial_id(storage, study, trial.number)
+        trial = pop_waiting(storage, study)
+    tid = trial_id(storage, study, trial.number)
     for k, v in {"host": host, "pid": pid, "worker": f"{host}:{pid}", "pid_start": None}.items():
         storage.set_trial_user_attr(tid, k, v)
     return storage, study, trial
@@ -85,19 +75,6 @@ def dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
-
-
-@pytest.fixture
-def results(tmp_path: Path) -> Path:
-    return tmp_path / "results"
-
-
-@pytest.fixture(autouse=True)
-def _no_fake_env(monkeypatch):
-    monkeypatch.delenv("FAKE_NAN_SETTING", raising=False)
-    monkeypatch.delenv("FAKE_EPOCH_S", raising=False)
-    monkeypatch.delenv("FAKE_CRASH_SETTING", raising=False)
-    monkeypatch.delenv("FAKE_NOISE", raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,15 +145,15 @@ def test_unknown_sweep_name_is_exit_2(results, capsys):
 
 
 def test_storage_url_default_and_postgres_accepted(tmp_path):
-    assert studies.storage_url(tmp_path, None) == f"sqlite:///{tmp_path}/optuna.db"
-    assert studies.storage_url(tmp_path, "postgresql://u:pw@db:5432/x").startswith("postgresql+psycopg")
-    assert studies.storage_url(tmp_path, "postgresql://u:pw@db:5432/x").endswith("://u:pw@db:5432/x")
+    assert storage_url.resolve(tmp_path, None) == f"sqlite:///{tmp_path}/optuna.db"
+    assert storage_url.resolve(tmp_path, "postgresql://u:pw@db:5432/x").startswith("postgresql+psycopg")
+    assert storage_url.resolve(tmp_path, "postgresql://u:pw@db:5432/x").endswith("://u:pw@db:5432/x")
 
 
-def test_unreachable_storage_is_a_spec_error(tmp_path, monkeypatch):
+def test_unreachable_storage_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ABLATE_STORAGE_ATTEMPTS", "1")  # the backoff has tests of its own
-    with pytest.raises(SpecError, match="cannot open storage"):
-        studies.open_storage(studies.storage_url(".", "postgresql://nobody@127.0.0.1:1/none"))
+    with pytest.raises(StorageError, match="cannot open storage"):
+        open_storage(storage_url.resolve(".", "postgresql://nobody@127.0.0.1:1/none"))
 
 
 def test_devices_default_to_cpu_without_gpus():
@@ -184,8 +161,8 @@ def test_devices_default_to_cpu_without_gpus():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has GPUs")
-    assert scheduler.resolve_devices(None) == ["cpu"]
-    assert scheduler.resolve_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert devices.resolve_devices(None) == ["cpu"]
+    assert devices.resolve_devices("cpu,cpu") == ["cpu", "cpu"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,77 +171,77 @@ def test_devices_default_to_cpu_without_gpus():
 
 def test_study_contract_and_grid_enqueued_once(tmp_path, results):
     (plan,) = make_plans(write_sweep(tmp_path), data_root="/data/x")
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
+    storage = open_storage(url_of(results))
+    study = grid.open_study(storage, plan)
     assert study.study_name == "mini-quick" and study.direction == optuna.study.StudyDirection.MINIMIZE
     a = study.user_attrs
     assert (a["sweep"], a["profile"], a["table"], a["seeds"]) == ("mini", "quick", 10, 2)
     assert a["settings"] == ["r=16", "r=8", "original"] and a["description"] == "a tiny test sweep"
     assert a["overrides"] == ["train.epochs=3"] and a["data_root"] == "/data/x"
     with grid_lock(storage):
-        assert studies.enqueue_missing(study, plan) == 6
-        assert studies.enqueue_missing(study, plan) == 0  # a second run queues nothing
+        assert grid.enqueue_missing(study, plan) == 6
+        assert grid.enqueue_missing(study, plan) == 0  # a second run queues nothing
     trials = study.get_trials()
     assert all(t.state == TrialState.WAITING for t in trials)
-    assert sorted(studies.grid_point(t) for t in trials) == sorted(plan.grid())
+    assert sorted(grid_point(t) for t in trials) == sorted(plan.grid())
     assert isinstance(trials[0].distributions["setting"], optuna.distributions.CategoricalDistribution)
 
 
 def test_remote_worker_rebuilds_identical_configs_from_study_attrs(tmp_path, results):
     (plan,) = make_plans(write_sweep(tmp_path), "data.batch_size=32")
-    study = studies.open_study(studies.open_storage(url_of(results)), plan)
-    rebuilt = studies.plan_from_attrs(study.study_name, load(results).user_attrs)
+    study = grid.open_study(open_storage(url_of(results)), plan)
+    rebuilt = grid.plan_from_attrs(study.study_name, load_study(results).user_attrs)
     for label, seed in plan.grid():
         assert rebuilt.config(label, seed) == plan.config(label, seed)
     assert rebuilt.config("r=8", 1).data.batch_size == 32
 
 
 def test_study_with_a_different_recipe_is_refused(tmp_path, results):
-    storage = studies.open_storage(url_of(results))
+    storage = open_storage(url_of(results))
     (plan,) = make_plans(write_sweep(tmp_path))
-    studies.open_study(storage, plan)
+    grid.open_study(storage, plan)
     (other,) = make_plans(write_sweep(tmp_path), "train.lr=0.5")
     with pytest.raises(SpecError, match="different settings or profile"):
-        studies.open_study(storage, other)
+        grid.open_study(storage, other)
 
 
 def test_study_stored_before_a_recipe_key_existed_is_the_same_recipe(tmp_path, results):
-    storage = studies.open_storage(url_of(results))
+    storage = open_storage(url_of(results))
     (plan,) = make_plans(write_sweep(tmp_path))
-    study = studies.open_study(storage, plan)
+    study = grid.open_study(storage, plan)
     old = study.user_attrs["profile_spec"]
     for key in ("patience", "max_cuts", "plateau_threshold"):  # as a version without them stored it
         del old["train"][key]
     study.set_user_attr("profile_spec", old)
-    studies.open_study(storage, plan)  # not refused
+    grid.open_study(storage, plan)  # not refused
     (other,) = make_plans(write_sweep(tmp_path), "train.patience=3")
     with pytest.raises(SpecError, match="different settings or profile"):
-        studies.open_study(storage, other)
+        grid.open_study(storage, other)
 
 
 def test_pop_never_hands_out_a_trial_twice(tmp_path, results):
     plan, storage, study = queued_study(tmp_path, results)
     popped = []
-    while (t := studies.pop_waiting(storage, study)) is not None:
-        popped.append(studies.grid_point(t))
+    while (t := pop_waiting(storage, study)) is not None:
+        popped.append(grid_point(t))
     assert sorted(popped) == sorted(plan.grid())
     assert len(study.get_trials()) == 6  # and no phantom trial was created when the queue ran dry
 
 
 def test_trials_in_reads_what_the_study_holds_in_those_states(tmp_path, results):
-    """The workers' database-filtered reads (studies.trials_in) see exactly what Optuna's study does."""
+    """The workers' database-filtered reads (trials.trials_in) see exactly what Optuna's study does."""
     plan, storage, study = queued_study(tmp_path, results)
-    first, second = studies.pop_waiting(storage, study), studies.pop_waiting(storage, study)
-    storage.set_trial_state_values(studies.trial_id(storage, study, first.number), TrialState.COMPLETE, [1.0])
-    studies.fail(storage, studies.trial_id(storage, study, second.number), "diverged")
-    third = studies.pop_waiting(storage, study)
+    first, second = pop_waiting(storage, study), pop_waiting(storage, study)
+    storage.set_trial_state_values(trial_id(storage, study, first.number), TrialState.COMPLETE, [1.0])
+    fail(storage, trial_id(storage, study, second.number), "diverged")
+    third = pop_waiting(storage, study)
     for states in [(TrialState.WAITING,), (TrialState.RUNNING,), (TrialState.FAIL,), (TrialState.COMPLETE,),
                    (TrialState.WAITING, TrialState.RUNNING)]:
-        got = studies.trials_in(storage, study, states)
+        got = trials_in(storage, study, states)
         assert [t.number for t in got] == [t.number for t in study.get_trials(states=states)], states
-    assert [t.number for t in studies.trials_in(storage, study, (TrialState.RUNNING,))] == [third.number]
-    assert [t.params for t in studies.trials_in(storage, study, (TrialState.FAIL,))] == [second.params]
-    assert len(studies.trials_in(storage, study, (TrialState.WAITING,))) == len(plan.grid()) - 3
+    assert [t.number for t in trials_in(storage, study, (TrialState.RUNNING,))] == [third.number]
+    assert [t.params for t in trials_in(storage, study, (TrialState.FAIL,))] == [second.params]
+    assert len(trials_in(storage, study, (TrialState.WAITING,))) == len(plan.grid()) - 3
 
 
 def test_workers_run_starts_open_the_storage_without_waiting_for_its_lock(tmp_path, results):
@@ -274,18 +251,18 @@ def test_workers_run_starts_open_the_storage_without_waiting_for_its_lock(tmp_pa
     plan, storage, study = queued_study(tmp_path, results)
     opened = []
     with grid_lock(storage):  # held, as while another process claims a trial
-        t = threading.Thread(target=lambda: opened.append(studies.open_storage(url_of(results), checked=True)))
+        t = threading.Thread(target=lambda: opened.append(open_storage(url_of(results), tables_ready=True)))
         t.start()
         t.join(timeout=30)
         assert not t.is_alive() and len(opened) == 1
-    assert len(studies.trials_in(opened[0], study, (TrialState.WAITING,))) == len(plan.grid())
+    assert len(trials_in(opened[0], study, (TrialState.WAITING,))) == len(plan.grid())
 
 
 def test_process_alive_tells_dead_and_reused_pids():
     me = os.getpid()
-    assert studies.process_alive(me, studies.process_start(me))
-    assert not studies.process_alive(dead_pid(), None)
-    assert not studies.process_alive(me, "12345")  # same pid, another process start time: reused
+    assert processes.process_alive(me, processes.process_start(me))
+    assert not processes.process_alive(dead_pid(), None)
+    assert not processes.process_alive(me, "12345")  # same pid, another process start time: reused
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +271,7 @@ def test_process_alive_tells_dead_and_reused_pids():
 
 def test_run_trains_every_point_once_and_records_results(tmp_path, results, capsys):
     assert run_fake(tmp_path, results) == 0
-    study = load(results)
+    study = load_study(results)
     assert completes_per_point(study) == {p: 1 for p in make_plans(write_sweep(tmp_path))[0].grid()}
     t = next(t for t in study.trials if t.params == {"setting": "r=8", "seed": 1})
     assert t.value == pytest.approx(10.0 + 1 + 0.3)
@@ -314,10 +291,10 @@ def test_run_trains_every_point_once_and_records_results(tmp_path, results, caps
 
 def test_progress_lines_number_points_that_finish_together_one_each(tmp_path, results, capsys):
     plan, storage, study = queued_study(tmp_path, results)
-    first = studies.pop_waiting(storage, study)
+    first = pop_waiting(storage, study)
     study.tell(first.number, 1.0)  # done before this run started
-    progress = scheduler.Progress(storage, [(study, plan)], results, url_of(results), bars=False)
-    pair = [studies.pop_waiting(storage, study) for _ in range(2)]
+    progress = Progress(storage, [(study, plan)], results, url_of(results), bars=False)
+    pair = [pop_waiting(storage, study) for _ in range(2)]
     for t in pair:  # both finish before the first one's event is handled
         study.tell(t.number, 2.0)
     for t in pair:
@@ -331,11 +308,11 @@ def test_progress_lines_number_points_that_finish_together_one_each(tmp_path, re
 def test_rerun_trains_nothing_complete_and_more_seeds_extend_the_grid(tmp_path, results):
     assert run_fake(tmp_path, results) == 0
     assert run_fake(tmp_path, results) == 0
-    study = load(results)
+    study = load_study(results)
     assert len(study.trials) == 6
     assert all(len(calls(d)) == 1 for d in (results / "quick" / "mini").glob("*/seed*"))
     assert run_fake(tmp_path, results, seeds=3) == 0
-    study = load(results)
+    study = load_study(results)
     assert len(study.trials) == 9 and set(completes_per_point(study).values()) == {1}
     assert study.user_attrs["seeds"] == 3
 
@@ -343,7 +320,7 @@ def test_rerun_trains_nothing_complete_and_more_seeds_extend_the_grid(tmp_path, 
 def test_nan_trial_fails_with_reason_rest_completes_exit_1(tmp_path, results, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_NAN_SETTING", "r=8")
     assert run_fake(tmp_path, results) == 1
-    study = load(results)
+    study = load_study(results)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert sorted(t.params["seed"] for t in failed) == [0, 1]
     assert all(t.params["setting"] == "r=8" and "nan" in t.user_attrs["fail_reason"] for t in failed)
@@ -356,7 +333,7 @@ def test_unexpected_trainer_error_fails_the_trial_with_traceback_and_the_sweep_g
     monkeypatch.setenv("FAKE_CRASH_SETTING", "original")
     monkeypatch.setenv("FAKE_NAN_SETTING", "r=8")
     assert run_fake(tmp_path, results) == 1
-    study = load(results)
+    study = load_study(results)
     reasons = {t.params["setting"]: t.user_attrs["fail_reason"] for t in study.trials if t.state == TrialState.FAIL}
     assert reasons == {"original": "RuntimeError: a bug in the trainer", "r=8": "loss became nan at epoch 1"}
     err = capsys.readouterr().err
@@ -367,14 +344,14 @@ def test_unexpected_trainer_error_fails_the_trial_with_traceback_and_the_sweep_g
 def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_path, results):
     plan, storage, study = queued_study(tmp_path, results)
     _, _, trial = claim(results, socket.gethostname(), dead_pid())
-    label, seed = studies.grid_point(trial)
+    label, seed = grid_point(trial)
     run_dir = plan.run_dir(results, label, seed)
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.json").write_text(json.dumps({"epoch": 2}))  # it died after epoch 2
     started = time.monotonic()
     assert run_fake(tmp_path, results) == 0
-    assert time.monotonic() - started < studies.GRACE_S  # no waiting for the heartbeat grace period
-    study = load(results)
+    assert time.monotonic() - started < resilience.grace_s()  # no waiting for the heartbeat grace period
+    study = load_study(results)
     dead = study.trials[trial.number]
     assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
@@ -385,16 +362,16 @@ def test_dead_local_worker_is_requeued_at_once_and_resumes_its_checkpoint(tmp_pa
 
 
 def test_stale_heartbeat_and_silent_claims_are_requeued_after_grace(tmp_path, results, monkeypatch):
-    monkeypatch.setattr(studies, "GRACE_S", 1)
+    monkeypatch.setenv("ABLATE_GRACE_S", "1")
     plan, storage, study = queued_study(tmp_path, results)
     _, _, remote = claim(results, "another-host", 4242)  # a live-looking worker on another machine
-    storage.record_heartbeat(studies.trial_id(storage, study, remote.number))
+    storage.record_heartbeat(trial_id(storage, study, remote.number))
     with grid_lock(storage):
-        silent = studies.pop_waiting(storage, study)  # claimed, then died before any attr or heartbeat
-        assert studies.recover(storage, study) == []  # both still within the grace period
+        silent = pop_waiting(storage, study)  # claimed, then died before any attr or heartbeat
+        assert recovery.recover(storage, study) == []  # both still within the grace period
     time.sleep(2.5)
     with grid_lock(storage):
-        assert studies.recover(storage, study) == sorted([remote.number, silent.number])
+        assert recovery.recover(storage, study) == sorted([remote.number, silent.number])
     retries = {t.system_attrs["failed_trial"]: t for t in study.get_trials()
                if "failed_trial" in t.system_attrs}
     assert set(retries) == {remote.number, silent.number}
@@ -405,12 +382,12 @@ def test_stale_heartbeat_and_silent_claims_are_requeued_after_grace(tmp_path, re
 
 def test_requeue_gives_up_after_max_retry(tmp_path, results):
     (plan,) = make_plans(write_sweep(tmp_path))
-    study = studies.open_study(studies.open_storage(url_of(results)), plan)
+    study = grid.open_study(open_storage(url_of(results)), plan)
     trial = optuna.trial.create_trial(state=TrialState.FAIL, params={"setting": "r=8", "seed": 0},
                                       distributions=plan.distributions(),
-                                      system_attrs={"retry_history": list(range(studies.MAX_RETRY))})
-    assert not studies.requeue(study, trial)
-    assert studies.requeue(study, optuna.trial.create_trial(
+                                      system_attrs={"retry_history": list(range(MAX_RETRY))})
+    assert not requeue(study, trial)
+    assert requeue(study, optuna.trial.create_trial(
         state=TrialState.FAIL, params={"setting": "r=8", "seed": 0}, distributions=plan.distributions()))
 
 
@@ -419,7 +396,7 @@ def test_worker_joins_existing_study_with_its_stored_options(tmp_path, results):
     events = []
     worker.work(url_of(results), ["mini-quick"], results_dir=results, device="cpu", data_root=None,
                 emit=events.append, trainer=FAKE)
-    assert len(completes_per_point(load(results))) == 6
+    assert len(completes_per_point(load_study(results))) == 6
     pid, start, data_root, epochs = calls(plan.run_dir(results, "original", 1))[0]
     assert (data_root, epochs) == ("/stored/root", "3")  # --data-root and --set came from the study
     assert [e["kind"] for e in events].count("end") == 6
@@ -429,7 +406,7 @@ def test_worker_cli_errors(tmp_path, results, capsys):
     rc, err = _cli(capsys, "worker", "--study", "mini-quick", "--results-dir", str(results))
     assert rc == 2 and "no such database" in err and not (results / "optuna.db").exists()
     (plan,) = make_plans(write_sweep(tmp_path))
-    studies.open_study(studies.open_storage(url_of(results)), plan)
+    grid.open_study(open_storage(url_of(results)), plan)
     rc, err = _cli(capsys, "worker", "--study", "nope-quick", "--results-dir", str(results))
     assert rc == 2 and "nope-quick" in err and "mini-quick" in err
 
@@ -450,8 +427,8 @@ def test_status_eta_from_median_trial_time(tmp_path, results):
     from datetime import datetime, timedelta
 
     (plan,) = make_plans(write_sweep(tmp_path))
-    storage = studies.open_storage(url_of(results))
-    study = studies.open_study(storage, plan)
+    storage = open_storage(url_of(results))
+    study = grid.open_study(storage, plan)
     now = datetime.now()
 
     def add(state, label, started_s_ago, took_s=None):
@@ -466,8 +443,8 @@ def test_status_eta_from_median_trial_time(tmp_path, results):
     add(TrialState.COMPLETE, "r=8", 400, took_s=60)
     add(TrialState.RUNNING, "original", 20)
     with grid_lock(storage):
-        assert studies.enqueue_missing(study, plan) == 3
-    row = scheduler.study_status(study, now=now)
+        assert grid.enqueue_missing(study, plan) == 3
+    row = study_status(study, now=now)
     # 3 queued x 60 s + the running one's last 40 s, over the one worker running now
     assert (row["done"], row["running"], row["queued"], row["eta"]) == (2, 1, 3, "3m40s")
 
@@ -487,6 +464,7 @@ def _modules_at_start(queue) -> None:
     queue.put({name: name in sys.modules for name in ("timm", "ablations.data", "ablations.train")})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="no fork server on this platform")
 def test_workers_start_with_torch_timm_and_the_trainer_imported():
     """Workers are forked from a server that imported them once (seconds each), not spawned bare."""
@@ -503,10 +481,11 @@ def test_workers_start_with_torch_timm_and_the_trainer_imported():
 
 def _run_in_process(plans, results: str, workers: int, epoch_s: str) -> None:
     os.environ["FAKE_EPOCH_S"] = epoch_s
-    sys.exit(scheduler.run(plans, url_of(Path(results)), Path(results), ["cpu"], workers, trainer=FAKE,
+    sys.exit(supervisor.run(plans, url_of(Path(results)), Path(results), ["cpu"], workers, trainer=FAKE,
                            bars=False))
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_complete_every_point_exactly_once(tmp_path, results):
     ctx = mp.get_context("spawn")
     plans = make_plans(write_sweep(tmp_path), seeds=4)  # validated once here: children skip torch
@@ -516,12 +495,13 @@ def test_two_runs_at_once_complete_every_point_exactly_once(tmp_path, results):
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
-    study = load(results)
+    study = load_study(results)
     assert completes_per_point(study) == {(label, s): 1 for s in range(4) for label in ("r=16", "r=8", "original")}
     assert len(study.trials) == 12  # nothing queued twice, nothing failed
     assert all(len(calls(d)) == 1 for d in (results / "quick" / "mini").glob("*/seed*"))
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_path, results):
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_run_in_process, args=(make_plans(write_sweep(tmp_path), seeds=4), str(results), 2,
@@ -532,7 +512,7 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
     while time.monotonic() < deadline:
         time.sleep(0.3)
         try:
-            trials = load(results).get_trials(states=(TrialState.RUNNING,))
+            trials = load_study(results).get_trials(states=(TrialState.RUNNING,))
         except (KeyError, Exception):  # no database or no study yet
             continue
         # a claim's attrs arrive one by one: poll until pid and run_dir are both there
@@ -545,16 +525,16 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
     p.join()
     pids = [t.user_attrs["pid"] for t in running]
     deadline = time.monotonic() + 10
-    while any(studies.process_alive(pid, None) for pid in pids) and time.monotonic() < deadline:
+    while any(processes.process_alive(pid, None) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(studies.process_alive(pid, None) for pid in pids), "workers outlived their run"
+    assert not any(processes.process_alive(pid, None) for pid in pids), "workers outlived their run"
 
     os.environ["FAKE_EPOCH_S"] = "0"
     try:
         assert run_fake(tmp_path, results, seeds=4) == 0
     finally:
         del os.environ["FAKE_EPOCH_S"]
-    study = load(results)
+    study = load_study(results)
     assert set(completes_per_point(study).values()) == {1} and len(completes_per_point(study)) == 12
     for t in running:
         (retry,) = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
@@ -566,15 +546,14 @@ def test_kill_9_of_a_multi_worker_run_kills_its_workers_and_rerun_resumes(tmp_pa
 # Exit: `ablate` skips the interpreter's teardown (cli.exit_fast), not what a normal exit does
 
 
+@pytest.mark.slow
 def test_cli_exit_leaves_every_write_in_the_db_file_and_prints_everything(tmp_path, results):
     """SQLite's write-ahead log must be folded into optuna.db at exit: the .db alone, copied without
     optuna.db-wal, holds everything written. Reading (`ablate status`) must not leave the log either."""
-    from scale_helpers import env, make_plans, write_sweep
-
     sweep = write_sweep(tmp_path)
-    queue_grid = (f"from pathlib import Path\nfrom scale_helpers import create_study, make_plans\n"
-                  f"from ablations import cli, studies\n"
-                  f"create_study(studies.storage_url({str(results)!r}, None), make_plans(Path({str(sweep)!r})))\n"
+    queue_grid = (f"from pathlib import Path\nfrom helpers import create_study, make_plans, url_of\n"
+                  f"from ablations import cli\n"
+                  f"create_study(url_of(Path({str(results)!r})), make_plans(Path({str(sweep)!r})))\n"
                   f"cli.exit_fast(3)\n")
     proc = subprocess.run([sys.executable, "-c", queue_grid], cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=120)
@@ -626,7 +605,7 @@ def test_e2e_kill_9_then_rerun_resumes_and_completes_each_point_once(tmp_path, r
         assert time.monotonic() < deadline, "no trial got to a checkpoint with another one completed"
         time.sleep(0.5)
         try:
-            trials = load(results).get_trials()
+            trials = load_study(results).get_trials()
         except Exception:  # noqa: BLE001 -- no database or study yet
             continue
         done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -636,14 +615,14 @@ def test_e2e_kill_9_then_rerun_resumes_and_completes_each_point_once(tmp_path, r
             victim = running[0]
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    finished = {studies.grid_point(t): (t.number, os.stat(Path(t.user_attrs["run_dir"]) / "final.json").st_mtime_ns)
-                for t in load(results).get_trials(states=(TrialState.COMPLETE,))}
+    finished = {grid_point(t): (t.number, os.stat(Path(t.user_attrs["run_dir"]) / "final.json").st_mtime_ns)
+                for t in load_study(results).get_trials(states=(TrialState.COMPLETE,))}
     rerun = ablate(*args)
     out, err = rerun.communicate(timeout=500)
     assert rerun.returncode == 0, err
     assert "Table 10" in out and "original (ref)" in out
 
-    study = load(results)
+    study = load_study(results)
     assert set(completes_per_point(study).values()) == {1} and len(completes_per_point(study)) == 4
     for number, mtime in finished.values():  # nothing completed earlier was trained again
         t = study.trials[number]
@@ -663,7 +642,7 @@ def test_e2e_two_runs_started_together_complete_each_point_once(tmp_path, result
     procs = [ablate(*args), ablate(*args)]
     outs = [p.communicate(timeout=500) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
-    study = load(results)
+    study = load_study(results)
     assert completes_per_point(study) == {(label, s): 1 for s in range(2) for label in ("r=16", "original")}
     assert len(study.trials) == 4
 
@@ -675,7 +654,7 @@ def test_e2e_diverging_trial_fails_with_reason_and_exit_1(tmp_path, results):
                   "--set", "train.lr=1.0e+8", "--set", "train.warmup_epochs=0")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
-    (trial,) = load(results).trials
+    (trial,) = load_study(results).trials
     assert trial.state == TrialState.FAIL and "loss" in trial.user_attrs["fail_reason"]
     assert "Traceback" not in err  # an expected failure is one line, not a stack
 

@@ -6,13 +6,14 @@ import itertools
 
 import pytest
 import torch
+from pydantic import ValidationError
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ablations.complexity import complexity
 from ablations.errors import SpecError
 from ablations.patch import build_model, se_blocks
+from ablations.schema import BackboneSpec, SESpec
 from ablations.se import SEModule
-from ablations.spec import BackboneSpec, SESpec
 
 torch.set_num_threads(1)
 
@@ -169,9 +170,9 @@ def test_scripts_and_trains_like_timm():
     (dict(stages=[1]), "stages"),
 ])
 def test_invalid_se_spec(spec, key):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(ValidationError) as e:
         SESpec(**spec)
-    assert key in str(e.value)
+    assert [err["loc"][0] for err in e.value.errors()] == [key]
 
 
 def test_reduction_larger_than_channels():

@@ -100,6 +100,7 @@ def test_profile_override_types():
     assert (p.train.epochs, p.data.batch_size, p.backbone.small_stem) == (3, 32, False)
 
 
+@pytest.mark.slow
 def test_cli_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["r_too_big"][0])
@@ -144,6 +145,7 @@ def test_bad_plugin_stops_ablate_run_before_anything_is_created(tmp_path, capsys
     assert not results.exists()
 
 
+@pytest.mark.slow
 def test_plugin_import_error_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["plugin_import"][0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,37 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY_SET, env, set_options, tiny_cfg
 
 from ablations import cli
 from ablations.complexity import complexity
-from ablations.errors import SpecError
+from ablations.errors import SpecError, TrialFailed
+from ablations.optim import make_optimizer
 from ablations.patch import build_model
+from ablations.rundir import METRIC_COLUMNS
 from ablations.schedule import lr_at, plateau
-from ablations.spec import ROOT, BackboneSpec, DataSpec, RunConfig, SESpec, TrainSpec, load_profile
-from ablations.train import (
-    METRIC_COLUMNS,
-    TrialFailed,
-    make_optimizer,
-    precise_bn,
-    train,
-)
+from ablations.schema import SESpec, TrainSpec
+from ablations.spec import load_profile
+from ablations.train import precise_bn, train
 
 FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
               "images_per_s", "epochs", "lr_cuts", "device", "versions", "git_commit", "sweep", "profile", "setting",
               "seed"}
 TIMING = ("epoch_seconds", "images_per_s")
-TINY_SET = ["backbone.layers=[1,1,1,1]", "backbone.channels=[16,16,16,16]", "backbone.num_classes=4",
-            "data.dataset=synthetic", "data.synthetic_size=64", "data.input_size=8", "data.batch_size=16",
-            "train.epochs=2", "train.threads=1"]
-
-
-def tiny_cfg(**train_kw) -> RunConfig:
-    return RunConfig(
-        sweep="", profile="test", setting="SE", seed=3, se=SESpec(),
-        backbone=BackboneSpec(layers=(1, 1, 1, 1), channels=(16, 16, 16, 16), small_stem=True, num_classes=4),
-        data=DataSpec(dataset="synthetic", synthetic_size=64, input_size=8, batch_size=16),
-        train=TrainSpec(**{"epochs": 2, "lr": 0.05, "threads": 1, "warmup_epochs": 0.5, **train_kw}),
-    )
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -57,10 +42,6 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,20 +155,21 @@ def test_run_directory_contract(tmp_path):
     (tmp_path / ".checkpoint.pt.cut-short.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     seen = []
     final = train(cfg, tmp_path, progress=False, on_epoch=seen.append)
-    assert set(final) == FINAL_KEYS
-    assert json.loads((tmp_path / "final.json").read_text()) == final
+    assert set(json.loads((tmp_path / "final.json").read_text())) == FINAL_KEYS
+    assert json.loads((tmp_path / "final.json").read_text()) == final.to_json()
     assert (tmp_path / "config.yaml").read_text() == cfg.to_yaml()
     rows = read_metrics(tmp_path)
     assert list(rows[0]) == list(METRIC_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
-    assert [r["epoch"] for r in seen] == [1, 2] and float(rows[-1]["top1_err"]) == final["top1_err"]
-    assert 0 <= final["top1_err"] <= 100 and 0 <= final["top5_err"] <= final["top1_err"]
-    assert final["epochs"] == 2 and final["device"] == "cpu" and final["seed"] == 3
-    assert final["lr_cuts"] == []  # cosine
-    assert set(final["versions"]) == {"python", "torch", "timm"}
+    assert [list(r) for r in seen] == [list(METRIC_COLUMNS)] * 2  # on_epoch gets the metrics.csv row
+    assert [r["epoch"] for r in seen] == [1, 2] and float(rows[-1]["top1_err"]) == final.top1_err
+    assert 0 <= final.top1_err <= 100 and 0 <= final.top5_err <= final.top1_err
+    assert final.epochs == 2 and final.device == "cpu" and final.seed == 3
+    assert final.lr_cuts == ()  # cosine
+    assert set(final.versions) == {"python", "torch", "timm"}
     c = complexity(build_model(cfg.backbone, cfg.se), 8, 3)
-    assert (final["params"], final["macs"]) == (c.params, c.macs)
-    assert final["gflops"] == pytest.approx(c.macs / 1e9)
-    assert final["images_per_s"] > 0 and final["train_seconds"] > 0
+    assert (final.params, final.macs) == (c.params, c.macs)
+    assert final.gflops == pytest.approx(c.macs / 1e9)
+    assert final.images_per_s > 0 and final.train_seconds > 0
 
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and len(ckpt["metrics"]) == 2
@@ -203,7 +185,7 @@ def test_run_directory_contract(tmp_path):
 
 
 def test_atomic_write_failing_midway_keeps_the_old_file(tmp_path):
-    from ablations.runio import torch_save_atomic, write_bytes_with
+    from ablations.atomic import torch_save_atomic, write_bytes_with
 
     target = tmp_path / "checkpoint.pt"
     torch_save_atomic(target, {"epoch": 1})
@@ -253,7 +235,7 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path):
     assert epochs_run == [2, 3]
     assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "whole"))
     for key in ("top1_err", "top5_err", "val_loss", "epochs", "params"):
-        assert resumed[key] == whole[key]
+        assert getattr(resumed, key) == getattr(whole, key)
     a = np.load(tmp_path / "whole" / "excitations.npz")
     b = np.load(tmp_path / "cut" / "excitations.npz")
     assert np.array_equal(a["SE_3_1.mean"], b["SE_3_1.mean"])
@@ -268,9 +250,9 @@ def test_plateau_schedule_cuts_stops_early_and_resumes_bit_identically(tmp_path)
     whole = train(cfg, tmp_path / "whole", progress=False)
     rows = read_metrics(tmp_path / "whole")
     rule = plateau([float(r["val_loss"]) for r in rows], 1, 0.9, 1)
-    assert rule.stop == whole["epochs"] == len(rows) < 12  # stopped by the rule, not the cap
-    assert list(rule.cuts) == whole["lr_cuts"] and len(whole["lr_cuts"]) == 1
-    (cut,) = whole["lr_cuts"]
+    assert rule.stop == whole.epochs == len(rows) < 12  # stopped by the rule, not the cap
+    assert rule.cuts == whole.lr_cuts and len(whole.lr_cuts) == 1
+    (cut,) = whole.lr_cuts
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[:cut] == [pytest.approx(0.05)] * cut  # warmup ends within epoch 1
     assert lrs[cut:] == [pytest.approx(0.005)] * (len(rows) - cut)  # the metrics show the cut
@@ -290,7 +272,7 @@ def test_plateau_schedule_cuts_stops_early_and_resumes_bit_identically(tmp_path)
     assert trained == []  # the stored losses say the rule had stopped: nothing more to train
     assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(rows)
     for key in ("top1_err", "top5_err", "val_loss", "epochs", "lr_cuts"):
-        assert resumed[key] == whole[key]
+        assert getattr(resumed, key) == getattr(whole, key)
 
 
 def test_diverging_loss_stops_the_trial(tmp_path):
@@ -327,7 +309,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_cli_trains_a_sweep_row(tmp_path, capsys):
-    sets = [x for s in TINY_SET for x in ("--set", s)]
+    sets = set_options(TINY_SET)
     code, out, _ = run_cli(["train", "--sweep", "squeeze", "--setting", "max", "--out", str(tmp_path),
                             "--seed", "2", *sets], capsys)
     assert code == 0
@@ -338,7 +320,7 @@ def test_cli_trains_a_sweep_row(tmp_path, capsys):
 
 
 def test_cli_default_is_standard_se_r16(tmp_path, capsys):
-    sets = [x for s in [*TINY_SET, "train.epochs=1"] for x in ("--set", s)]
+    sets = set_options([*TINY_SET, "train.epochs=1"])
     code, _, _ = run_cli(["train", "--out", str(tmp_path), *sets], capsys)
     assert code == 0
     final = json.loads((tmp_path / "final.json").read_text())
@@ -376,7 +358,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, needle):
 
 
 def test_cli_diverged_trial_exits_1(tmp_path, capsys):
-    sets = [x for s in TINY_SET for x in ("--set", s)]
+    sets = set_options(TINY_SET)
     code, _, err = run_cli(["train", "--out", str(tmp_path), *sets, "--set", "train.lr=1e8"], capsys)
     assert code == 1
     assert err.replace("\r", "\n").splitlines()[-1].startswith("error: trial failed: training loss is")

@@ -1,4 +1,4 @@
-"""Atomic file writes for everything a run writes (run directories, tables, figures, reports).
+"""Atomic file writes for everything the project writes (run directories, tables, figures, reports).
 
 A trial can be killed at any instant (kill -9, pre-emption, a full disk). Every file is therefore
 written to a temporary file in the same directory and moved into place with `os.replace`, which is

@@ -1,23 +1,15 @@
-"""`ablate dashboard`: optuna-dashboard on the sweep storage, bound to 127.0.0.1 by default.
-
-Each study carries a dashboard note (optuna_dashboard.save_note, shown on the study's page) saying what
-it reproduces: the sweep's description, the profile, and the paper's published numbers per setting.
+"""The note each study carries for optuna-dashboard (optuna_dashboard.save_note, shown on the study's
+page): what it reproduces, the sweep's description, the profile, and the paper's published numbers per
+setting. `ablate run` saves it beside the first trials: importing optuna-dashboard takes seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
-from typing import TYPE_CHECKING
 
-from ablations.errors import SpecError
-from ablations.paper import own_sources, published_for
+import optuna
 
-if TYPE_CHECKING:
-    import optuna
-
-    from ablations.studies import Plan
+from ablations.grid import Plan
 
 OBJECTIVE = "top1_err (%)"
 NOTE_DIGEST = "ablations:note_sha1"  # study system attr: the digest of the note last saved
@@ -43,7 +35,7 @@ def study_note(plan: Plan) -> str:
     if sweep.reference:
         lines.append(f"Differences are measured against `{sweep.reference}`; `ablate table {sweep.name}` "
                      "tests them (95% CI, Holm-adjusted p, minimum detectable effect, verdict).")
-    own = own_sources(sweep)
+    own = sweep.has_own_sources
     lines += ["", "### Published (each row's source, cited in the sweep file; ImageNet)" if own else
               "### Published (Hu et al., *Squeeze-and-Excitation Networks*, TPAMI; ImageNet)", ""]
     if sweep.table is None and not own:
@@ -52,7 +44,7 @@ def study_note(plan: Plan) -> str:
         lines += ["| setting | top-1 err (%) | top-5 err (%) | GFLOPs | params (M) |" + (" source |" if own else ""),
                   "|---|---:|---:|---:|---:|" + ("---|" if own else "")]
         for setting in sweep.settings:
-            p = published_for(sweep, setting.label)
+            p = sweep.published_numbers(setting.label)
             source = f" {setting.published.source if setting.published else '-'} |" if own else ""
             lines.append(f"| {setting.label} | {_num(p['top1_err'], '.2f')} | {_num(p['top5_err'], '.2f')} | "
                          f"{_num(p['gflops'], '.2f')} | {_num(p['params_m'], '.1f')} |{source}")
@@ -80,25 +72,3 @@ def save_study_note(storage: optuna.storages.BaseStorage, study: optuna.Study, p
         storage.set_study_system_attr(study_id, NOTE_DIGEST, digest)
     if study.metric_names != [OBJECTIVE]:
         study.set_metric_names([OBJECTIVE])
-
-
-def cli_dashboard(args: argparse.Namespace) -> int:
-    from ablations import storage_url
-    from ablations.studies import open_storage
-
-    if not 1 <= args.port <= 65535:
-        raise SpecError(f"must be a port number in 1..65535 (got {args.port})", source="--port")
-    url = storage_url.resolve(args.results_dir, args.storage)
-    storage = open_storage(url)
-    from optuna_dashboard import run_server
-
-    print(f"optuna-dashboard on {storage_url.shown(url)}: http://{args.host}:{args.port}/ (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
-    try:
-        run_server(storage, host=args.host, port=args.port)
-    except (OSError, OverflowError) as e:  # the port taken, the host unknown here
-        reason = getattr(e, "strerror", None) or e
-        raise SpecError(f"cannot listen on {args.host}:{args.port}: {reason}", source="--port") from None
-    except KeyboardInterrupt:
-        pass
-    return 0

@@ -1,0 +1,189 @@
+"""What a sweep's run shows: a progress bar over its grid points and one per busy worker, each sweep's
+table the moment its last point finishes, what did not complete, and `ablate status`'s counts and ETA.
+Without a terminal (make in CI, a log file) the bars are off and each finished trial is one line.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from ablations.grid import Plan, point_counts, point_states
+from ablations.trials import grid_point
+
+
+def _short(metrics: dict[str, Any]) -> dict[str, str]:
+    keys = ("train_loss", "val_loss", "top1_err")
+    return {k: f"{metrics[k]:.3g}" for k in keys if isinstance(metrics.get(k), (int, float))}
+
+
+def summary(results_dir: Path, url: str, plan: Plan) -> str:
+    """The sweep's table, as the analysis renders it (also written under <results>/<profile>/<sweep>/)."""
+    from analysis.table_files import sweep_summary
+
+    return sweep_summary(Path(results_dir), url, plan.sweep, plan.profile.name)
+
+
+def print_table(results_dir: Path, url: str, plan: Plan) -> None:
+    """The sweep's table on stdout (and written beside its results), or a warning if it cannot be built."""
+    try:
+        text = summary(results_dir, url, plan)
+    except Exception as e:  # noqa: BLE001 -- a table bug must not hide the sweep's outcome
+        tqdm.write(f"warning: could not build the table of {plan.study_name}: {type(e).__name__}: {e}",
+                   file=sys.stderr)
+        return
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class Progress:
+    """Consumes worker events: a bar over every grid point of the run (done / running / failed), one
+    epoch bar per busy worker, and each sweep's table the moment its last point finishes. Without a
+    terminal (make in CI, a log file) bars are off and each finished trial is one line instead."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, loaded: list[tuple[optuna.Study, Plan]],
+                 results_dir: Path, url: str, bars: bool | None = None, tables: bool = True):
+        self.storage, self.loaded, self.results_dir, self.url = storage, loaded, results_dir, url
+        self.tables = tables  # off for a round of `--precision`: only the last round's table is shown
+        self.bars = sys.stderr.isatty() if bars is None else bars
+        self.total = sum(len(p.grid()) for _, p in loaded)
+        desc = loaded[0][0].study_name if len(loaded) == 1 else f"{len(loaded)} sweeps"
+        self.bar = tqdm(total=self.total, desc=desc, unit="trial", position=0, disable=not self.bars,
+                        dynamic_ncols=True, file=sys.stderr)
+        self.trial_bars: dict[int, tqdm] = {}
+        self.printed: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        self.refresh()
+        self.shown = self.bar.n  # finished points when the run started: the next line says one more
+
+    def log(self, text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    def refresh(self) -> None:
+        """Recount from the storage (other processes finish points too) and print finished sweeps."""
+        counts: Counter[str] = Counter()
+        for study, plan in self.loaded:
+            states = point_states(study.get_trials(deepcopy=False), plan.grid())
+            counts.update(states.values())
+            if (self.tables and study.study_name not in self.printed
+                    and all(s in ("COMPLETE", "FAIL") for s in states.values())):
+                self.printed.add(study.study_name)
+                self.print_table(plan)
+        self.counts = counts
+        self.bar.n = counts["COMPLETE"] + counts["FAIL"]
+        self.bar.set_postfix_str(f"done={counts['COMPLETE']} running={counts['RUNNING']} failed={counts['FAIL']}")
+
+    def print_table(self, plan: Plan) -> None:
+        print_table(self.results_dir, self.url, plan)
+
+    def handle(self, ev: dict[str, Any]) -> None:
+        kind, w = ev["kind"], ev.get("worker", 0)
+        label = f"{ev.get('setting')} seed{ev.get('seed')}"
+        if kind == "start" and self.bars:
+            bar = self.trial_bars.get(w)
+            if bar is None:
+                bar = self.trial_bars[w] = tqdm(total=ev["epochs"], position=w + 1, unit="ep", leave=False,
+                                                dynamic_ncols=True, file=sys.stderr)
+            bar.reset(total=ev["epochs"])
+            bar.set_description(f"  {label}")
+        elif kind == "epoch" and w in self.trial_bars:
+            bar = self.trial_bars[w]
+            bar.n = min(ev["epoch"], bar.total or ev["epoch"])
+            bar.set_postfix(_short(ev["metrics"]))
+        elif kind == "end":
+            self.refresh()
+            # Two workers that finish together both find 2 more points done: one number each.
+            done = self.shown = min(self.counts["COMPLETE"] + self.counts["FAIL"], self.shown + 1)
+            if ev["state"] == "COMPLETE" and not self.bars:
+                self.log(f"[{done}/{self.total}] {ev['study']} {label}: top1_err {ev['value']:.2f}% "
+                         f"({ev['seconds']:.0f} s)")
+            elif ev["state"] == "FAIL":
+                self.log(f"[{done}/{self.total}] {ev['study']} {label}: FAILED: {ev['reason']}")
+        elif kind == "log":
+            self.log(ev["text"].rstrip())
+        elif kind == "exit" and w in self.trial_bars:
+            self.trial_bars.pop(w).close()
+
+    def close(self) -> None:
+        for bar in self.trial_bars.values():
+            bar.close()
+        self.bar.close()
+
+
+def outcome(progress: Progress) -> int:
+    """Print what did not complete and return the exit status (0 all COMPLETE, 1 otherwise)."""
+    progress.refresh()
+    problems = []
+    for study, plan in progress.loaded:
+        trials = study.get_trials(deepcopy=False)
+        for (label, seed), state in point_states(trials, plan.grid()).items():
+            if state == "COMPLETE":
+                continue
+            reasons = [t.user_attrs.get("fail_reason") for t in trials
+                       if grid_point(t) == (label, seed) and t.state == TrialState.FAIL]
+            why = f": {reasons[-1]}" if state == "FAIL" and reasons and reasons[-1] else ""
+            problems.append(f"  {study.study_name} {label} seed{seed}: {state}{why}")
+    progress.close()
+    if problems:
+        print(f"{len(problems)} grid point(s) did not complete:", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# ablate status
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def study_status(study: optuna.Study, now: datetime | None = None) -> dict[str, Any]:
+    """Counts per grid point (or per trial for a study `ablate run` did not create) and an ETA.
+
+    ETA: the median wall time of a completed trial, times the queued points, plus what the running ones
+    still need, spread over as many workers as are running now.
+    """
+    now = now or datetime.now()
+    trials = study.get_trials(deepcopy=False)
+    attrs = study.user_attrs
+    try:
+        counts = Counter(point_counts(trials, [str(x) for x in attrs["settings"]], int(attrs["seeds"])))
+    except (KeyError, TypeError, ValueError):  # not a grid study (or not a whole one): count its trials
+        counts = Counter(t.state.name for t in trials)
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                 if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
+    typical = statistics.median(durations) if durations else None
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    eta: float | None = 0.0
+    if counts["WAITING"] or counts["RUNNING"]:
+        if typical is None:
+            eta = None
+        else:
+            left = sum(max(0.0, typical - (now - t.datetime_start).total_seconds()) for t in running
+                       if t.datetime_start)
+            eta = (counts["WAITING"] * typical + left) / max(1, len(running))
+    return {
+        "study": study.study_name,
+        "points": sum(counts.values()),
+        "done": counts["COMPLETE"],
+        "running": counts["RUNNING"],
+        "queued": counts["WAITING"],
+        "failed": counts["FAIL"],
+        "missing": counts["MISSING"],
+        "eta": "-" if eta == 0.0 else _fmt_duration(eta),
+    }
