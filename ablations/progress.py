@@ -1,6 +1,9 @@
-"""What a sweep's run shows: a progress bar over its grid points and one per busy worker, each sweep's
-table the moment its last point finishes, what did not complete, and `ablate status`'s counts and ETA.
-Without a terminal (make in CI, a log file) the bars are off and each finished trial is one line.
+"""What a sweep's run shows: a start summary, one persistent line per finished trial, a progress bar over
+its grid points and one per busy worker (on a real terminal only), each sweep's table after its last
+trial's line, what did not complete, and `ablate status`'s counts and ETA.
+
+Bars are drawn only on a terminal with a size: a log file, `make ... > log 2>&1` and a pseudo-terminal
+without a size (some job runners) get the same lines and no carriage returns.
 """
 
 from __future__ import annotations
@@ -17,12 +20,27 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from ablations.grid import Plan, point_counts, point_states
+from ablations.terminal import real_terminal
 from ablations.trials import grid_point
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:
-    keys = ("train_loss", "val_loss", "top1_err")
+    keys = ("lr", "train_loss", "val_loss", "top1_err")
     return {k: f"{metrics[k]:.3g}" for k in keys if isinstance(metrics.get(k), (int, float))}
+
+
+def start_summary(loaded: list[tuple[optuna.Study, Plan]], queued: int, workers: int, devices: list[str],
+                  shown_url: str, results_dir: Path) -> str:
+    """What the run is about to do, before the first trial: so a log says which study, how much work and
+    on what, even when the first line of progress is minutes away."""
+    lines = []
+    for study, plan in loaded:
+        points = len(plan.grid())
+        lines.append(f"{study.study_name}: {len(plan.labels)} settings x {plan.seeds} seeds = {points} points "
+                     f"({plan.profile.name} profile, {plan.config(plan.labels[0], 0).train.epochs} epochs max)")
+    lines.append(f"{queued} queued; {workers} worker(s) on {', '.join(devices)}; storage {shown_url}; "
+                 f"results in {results_dir}")
+    return "\n".join(lines)
 
 
 def summary(results_dir: Path, url: str, plan: Plan) -> str:
@@ -53,13 +71,14 @@ class Progress:
                  results_dir: Path, url: str, bars: bool | None = None, tables: bool = True):
         self.storage, self.loaded, self.results_dir, self.url = storage, loaded, results_dir, url
         self.tables = tables  # off for a round of `--precision`: only the last round's table is shown
-        self.bars = sys.stderr.isatty() if bars is None else bars
+        self.bars = real_terminal() if bars is None else bars
         self.total = sum(len(p.grid()) for _, p in loaded)
         desc = loaded[0][0].study_name if len(loaded) == 1 else f"{len(loaded)} sweeps"
         self.bar = tqdm(total=self.total, desc=desc, unit="trial", position=0, disable=not self.bars,
                         dynamic_ncols=True, file=sys.stderr)
         self.trial_bars: dict[int, tqdm] = {}
         self.printed: set[str] = set()
+        self.finished: list[Plan] = []  # sweeps whose last point just finished, their tables not yet out
         self.counts: Counter[str] = Counter()
         self.refresh()
         self.shown = self.bar.n  # finished points when the run started: the next line says one more
@@ -67,19 +86,29 @@ class Progress:
     def log(self, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
-    def refresh(self) -> None:
-        """Recount from the storage (other processes finish points too) and print finished sweeps."""
+    def refresh(self, tables: bool = True) -> None:
+        """Recount from the storage (other processes finish points too); print the finished sweeps' tables
+        unless `tables` is off (the caller prints its trial line first, then calls print_finished)."""
         counts: Counter[str] = Counter()
+        self.finished = []
         for study, plan in self.loaded:
             states = point_states(study.get_trials(deepcopy=False), plan.grid())
             counts.update(states.values())
             if (self.tables and study.study_name not in self.printed
                     and all(s in ("COMPLETE", "FAIL") for s in states.values())):
-                self.printed.add(study.study_name)
-                self.print_table(plan)
+                self.finished.append(plan)
         self.counts = counts
         self.bar.n = counts["COMPLETE"] + counts["FAIL"]
         self.bar.set_postfix_str(f"done={counts['COMPLETE']} running={counts['RUNNING']} failed={counts['FAIL']}")
+        if tables:
+            self.print_finished()
+
+    def print_finished(self) -> None:
+        for plan in self.finished:
+            if plan.study_name not in self.printed:
+                self.printed.add(plan.study_name)
+                self.print_table(plan)
+        self.finished = []
 
     def print_table(self, plan: Plan) -> None:
         print_table(self.results_dir, self.url, plan)
@@ -93,20 +122,22 @@ class Progress:
                 bar = self.trial_bars[w] = tqdm(total=ev["epochs"], position=w + 1, unit="ep", leave=False,
                                                 dynamic_ncols=True, file=sys.stderr)
             bar.reset(total=ev["epochs"])
+            bar.set_postfix_str("", refresh=False)  # the previous trial's metrics are not this one's
             bar.set_description(f"  {label}")
         elif kind == "epoch" and w in self.trial_bars:
             bar = self.trial_bars[w]
             bar.n = min(ev["epoch"], bar.total or ev["epoch"])
             bar.set_postfix(_short(ev["metrics"]))
         elif kind == "end":
-            self.refresh()
+            self.refresh(tables=False)
             # Two workers that finish together both find 2 more points done: one number each.
             done = self.shown = min(self.counts["COMPLETE"] + self.counts["FAIL"], self.shown + 1)
-            if ev["state"] == "COMPLETE" and not self.bars:
+            if ev["state"] == "COMPLETE":  # a line in every mode: bars vanish, the results must not
                 self.log(f"[{done}/{self.total}] {ev['study']} {label}: top1_err {ev['value']:.2f}% "
                          f"({ev['seconds']:.0f} s)")
             elif ev["state"] == "FAIL":
                 self.log(f"[{done}/{self.total}] {ev['study']} {label}: FAILED: {ev['reason']}")
+            self.print_finished()  # a sweep's table comes after its last trial's line
         elif kind == "log":
             self.log(ev["text"].rstrip())
         elif kind == "exit" and w in self.trial_bars:
