@@ -221,7 +221,7 @@ def test_rendered_delta_ci_p_and_verdict(results):
     md = render(table, "md")
     line = next(x for x in md.splitlines() if x.startswith("| r=4 |"))
     assert cell in line and f"| {r['mde_top1']:.2f} |" in line and line.endswith(
-        f"| {r['verdict']} | 0.480 | 0.0123 | 1,010 | 22.25 | 35.7 | — |")
+        f"| {r['verdict']} | 480 k | 12.3 M | 1,010 | 22.25 | 35.7 M | — |")
     head = md.splitlines()[2]
     assert "| Δ top-1 [95% CI] | p | p (Holm) | MDE | verdict |" in head
     assert "paired t-test on the per-seed differences" in md and "(n = 2–3 pairs)" in md
