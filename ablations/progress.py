@@ -8,8 +8,10 @@ without a size (some job runners) get the same lines and no carriage returns.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
+import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,8 @@ from tqdm import tqdm
 from ablations.grid import Plan, point_counts, point_states
 from ablations.terminal import real_terminal
 from ablations.trials import grid_point
+
+DASHBOARD_EVERY_S = 30.0  # a study's note and figure are rebuilt at most this often while trials end
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:
@@ -79,6 +83,9 @@ class Progress:
         self.trial_bars: dict[int, tqdm] = {}
         self.printed: set[str] = set()
         self.finished: list[Plan] = []  # sweeps whose last point just finished, their tables not yet out
+        self.noted: dict[str, float] = {}  # study -> when its dashboard note was last refreshed
+        self.run_dirs: dict[tuple[str, int], str] = {}  # (study, trial number) -> run dir, from "start"
+        self.dashboard_ok = True  # off after the first failure (warned once): the sweep goes on
         self.counts: Counter[str] = Counter()
         self.refresh()
         self.shown = self.bar.n  # finished points when the run started: the next line says one more
@@ -113,17 +120,45 @@ class Progress:
     def print_table(self, plan: Plan) -> None:
         print_table(self.results_dir, self.url, plan)
 
+    def dashboard(self, ev: dict[str, Any]) -> None:
+        """The trial's note (setting, seed, state) and, as trials end, the study's note and figure with
+        our table: at most every DASHBOARD_EVERY_S per study, and always when its last point finishes."""
+        found = [(s, p) for s, p in self.loaded if s.study_name == ev.get("study")]
+        if not self.dashboard_ok or not found or "number" not in ev:
+            return
+        study, plan = found[0]
+        try:
+            from analysis import dashboard
+
+            run_dir = self.run_dirs.get((ev["study"], ev["number"]))
+            dashboard.save_trial_note(study, ev["number"], ev["setting"], ev["seed"], run_dir=run_dir,
+                                      value=ev.get("value"), state=ev.get("state", "RUNNING"))
+            now = time.monotonic()
+            last = plan in self.finished or now - self.noted.get(study.study_name, -math.inf) > DASHBOARD_EVERY_S
+            if ev["kind"] == "end" and last:
+                self.noted[study.study_name] = now
+                dashboard.refresh(self.storage, study, plan, self.results_dir, self.url)
+        except Exception as e:  # noqa: BLE001 -- the dashboard is a view: never worth a sweep
+            self.dashboard_ok = False
+            self.log(f"warning: dashboard notes are off for this run: {type(e).__name__}: {e}")
+
+    def start_bar(self, w: int, epochs: int, label: str) -> None:
+        bar = self.trial_bars.get(w)
+        if bar is None:
+            bar = self.trial_bars[w] = tqdm(total=epochs, position=w + 1, unit="ep", leave=False,
+                                            dynamic_ncols=True, file=sys.stderr)
+        bar.reset(total=epochs)
+        bar.set_postfix_str("", refresh=False)  # the previous trial's metrics are not this one's
+        bar.set_description(f"  {label}")
+
     def handle(self, ev: dict[str, Any]) -> None:
         kind, w = ev["kind"], ev.get("worker", 0)
         label = f"{ev.get('setting')} seed{ev.get('seed')}"
-        if kind == "start" and self.bars:
-            bar = self.trial_bars.get(w)
-            if bar is None:
-                bar = self.trial_bars[w] = tqdm(total=ev["epochs"], position=w + 1, unit="ep", leave=False,
-                                                dynamic_ncols=True, file=sys.stderr)
-            bar.reset(total=ev["epochs"])
-            bar.set_postfix_str("", refresh=False)  # the previous trial's metrics are not this one's
-            bar.set_description(f"  {label}")
+        if kind == "start":
+            if self.bars:
+                self.start_bar(w, ev["epochs"], label)
+            self.run_dirs[(ev.get("study"), ev.get("number"))] = ev.get("run_dir")
+            self.dashboard(ev)
         elif kind == "epoch" and w in self.trial_bars:
             bar = self.trial_bars[w]
             bar.n = min(ev["epoch"], bar.total or ev["epoch"])
@@ -137,6 +172,7 @@ class Progress:
                          f"({ev['seconds']:.0f} s)")
             elif ev["state"] == "FAIL":
                 self.log(f"[{done}/{self.total}] {ev['study']} {label}: FAILED: {ev['reason']}")
+            self.dashboard(ev)
             self.print_finished()  # a sweep's table comes after its last trial's line
         elif kind == "log":
             self.log(ev["text"].rstrip())
