@@ -52,7 +52,7 @@ def table_figure(table: Table):
         fig.add_trace(go.Scatter(
             x=[r["setting"]] * len(mine), y=mine["top1_err"].tolist(), mode="markers", name=r["setting"],
             text=[f"seed {int(s)}" for s in mine["seed"]], hovertemplate="%{x} %{text}: %{y:.2f}%<extra></extra>",
-            marker={"size": 8, "opacity": 0.6}, showlegend=False))
+            marker={"size": 10, "opacity": 0.8}, showlegend=False))
     fig.add_trace(go.Scatter(
         x=rows["setting"].tolist(), y=rows["top1_mean"].tolist(), mode="markers", name="mean, 95% CI",
         marker={"symbol": "line-ew-open", "size": 24, "color": "black", "line": {"width": 2}},
@@ -60,19 +60,19 @@ def table_figure(table: Table):
                  "arrayminus": (rows["top1_mean"] - rows["top1_ci_low"]).tolist(), "color": "black"}))
     ref = rows[rows["reference"]]
     if len(ref) and ref["n"].iloc[0] > 0:
-        fig.add_hline(y=float(ref["top1_mean"].iloc[0]), line_dash="dot",
+        fig.add_hline(y=float(ref["top1_mean"].iloc[0]), line_dash="dot", annotation_position="bottom left",
                       annotation_text=f"{ref['setting'].iloc[0]} (reference) mean")
-    fig.update_layout(title=f"{table.title}: top-1 error per seed", xaxis_title="setting",
+    fig.update_layout(title=f"{table.title}: top-1 error per seed", xaxis_title="setting", legend={"y": -0.25},
                       yaxis_title="top-1 error (%)", template="plotly_white")
     return fig
 
 
 def trial_note(label: str, seed: int, *, run_dir: str | None = None, value: float | None = None,
                state: str = "RUNNING") -> str:
-    lines = [f"## {label}, seed {seed}", "", f"**State**: {state}"
+    lines = [f"## {label}, seed {seed}", "", f"- **State**: {state}"
              + (f"; top-1 error {value:.2f}%" if value is not None else "")]
     if run_dir:
-        lines.append(f"**Run directory**: `{run_dir}`")
+        lines.append(f"- **Run directory**: `{run_dir}`")
     lines += ["", "One seed of one setting: compare settings in the study's table (the study note), "
                   "not trial by trial."]
     return "\n".join(lines) + "\n"

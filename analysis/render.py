@@ -214,8 +214,10 @@ def _html(table: Table) -> str:
     body = df.to_html(index=False, escape=True, border=0, classes="ablation-table")
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(table))
     paragraphs = "".join(f'<p class="stats-note">{html.escape(n)}</p>\n' for n in stat_notes(table))
+    # A wide table scrolls inside its box (the setting column stays in view), not the whole page.
     return (f'<figure class="table" id="{html.escape(table.stem)}">\n'
-            f"<figcaption>{html.escape(caption(table))}</figcaption>\n{body}\n{paragraphs}"
+            f'<figcaption>{html.escape(caption(table))}</figcaption>\n<div class="table-scroll">{body}</div>\n'
+            f"{paragraphs}"
             + (f'<ul class="missing">{items}</ul>\n' if items else "") + "</figure>\n")
 
 
