@@ -40,11 +40,16 @@ def cli_train(args: argparse.Namespace) -> int:
         from ablations.ddp import launch as trainer
     else:
         from ablations.train import train as trainer
+    from ablations.tensorboard_log import EpochScalars
+
+    scalars = EpochScalars(Path(args.out))
     try:
-        final = trainer(cfg, Path(args.out), device=args.device, data_root=args.data_root)
+        final = trainer(cfg, Path(args.out), device=args.device, data_root=args.data_root, on_epoch=scalars)
     except TrialFailed as e:
         print(f"error: trial failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        scalars.close()
     print(f"{cfg.setting} (profile {cfg.profile}, seed {cfg.seed}): top-1 error {final.top1_err:.2f}%  "
           f"top-5 error {final.top5_err:.2f}%  val loss {final.val_loss:.4f}")
     print(f"{params_text(final.params_m)} params  {macs_text(final.gflops)} MACs  {final.epochs} epochs  "
