@@ -143,7 +143,7 @@ def _run_cell(key: str, value: object) -> str:
 def _table_section(table: Table, fig_dir: Path) -> str:
     # The section's id differs from the table's own (render's <figure id=stem>): ids are unique.
     parts = [f'<h2 id="section-{table.stem}">{html.escape(table.title)}</h2>', render(table, "html")]
-    for name in (f"{table.stem}_top1", f"fig4_training_{table.sweep.name}"):
+    for name in (f"{table.stem}_top1", f"{table.stem}_edf", f"fig4_training_{table.sweep.name}"):
         png = fig_dir / f"{name}.png"
         if png.is_file():
             parts.append(_img(png, name))
