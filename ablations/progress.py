@@ -8,7 +8,6 @@ without a size (some job runners) get the same lines and no carriage returns.
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
@@ -47,17 +46,17 @@ def start_summary(loaded: list[tuple[optuna.Study, Plan]], queued: int, workers:
     return "\n".join(lines)
 
 
-def summary(results_dir: Path, url: str, plan: Plan) -> str:
+def summary(results_dir: Path, url: str, plan: Plan, table: Any = None) -> str:
     """The sweep's table, as the analysis renders it (also written under <results>/<profile>/<sweep>/)."""
     from analysis.table_files import sweep_summary
 
-    return sweep_summary(Path(results_dir), url, plan.sweep, plan.profile.name)
+    return sweep_summary(Path(results_dir), url, plan.sweep, plan.profile.name, table)
 
 
-def print_table(results_dir: Path, url: str, plan: Plan) -> None:
+def print_table(results_dir: Path, url: str, plan: Plan, table: Any = None) -> None:
     """The sweep's table on stdout (and written beside its results), or a warning if it cannot be built."""
     try:
-        text = summary(results_dir, url, plan)
+        text = summary(results_dir, url, plan, table)
     except Exception as e:  # noqa: BLE001 -- a table bug must not hide the sweep's outcome
         tqdm.write(f"warning: could not build the table of {plan.study_name}: {type(e).__name__}: {e}",
                    file=sys.stderr)
@@ -84,6 +83,7 @@ class Progress:
         self.printed: set[str] = set()
         self.finished: list[Plan] = []  # sweeps whose last point just finished, their tables not yet out
         self.noted: dict[str, float] = {}  # study -> when its dashboard note was last refreshed
+        self.started = time.monotonic()
         self.run_dirs: dict[tuple[str, int], str] = {}  # (study, trial number) -> run dir, from "start"
         self.dashboard_ok = True  # off after the first failure (warned once): the sweep goes on
         self.counts: Counter[str] = Counter()
@@ -101,7 +101,7 @@ class Progress:
         for study, plan in self.loaded:
             states = point_states(study.get_trials(deepcopy=False), plan.grid())
             counts.update(states.values())
-            if (self.tables and study.study_name not in self.printed
+            if (study.study_name not in self.printed
                     and all(s in ("COMPLETE", "FAIL") for s in states.values())):
                 self.finished.append(plan)
         self.counts = counts
@@ -111,18 +111,36 @@ class Progress:
             self.print_finished()
 
     def print_finished(self) -> None:
+        """Each sweep that just ended: its table (unless `tables` is off) and the dashboard's views of
+        it, from one build of the table."""
         for plan in self.finished:
-            if plan.study_name not in self.printed:
-                self.printed.add(plan.study_name)
-                self.print_table(plan)
+            if plan.study_name in self.printed:
+                continue
+            self.printed.add(plan.study_name)
+            table = self.dashboard_table(plan)
+            if self.tables:
+                print_table(self.results_dir, self.url, plan, table)
         self.finished = []
 
-    def print_table(self, plan: Plan) -> None:
-        print_table(self.results_dir, self.url, plan)
+    def dashboard_table(self, plan: Plan) -> Any:
+        """Refresh the study's note and figure (analysis/dashboard.py); the table built for them."""
+        if not self.dashboard_ok:
+            return None
+        study = next(s for s, p in self.loaded if p.study_name == plan.study_name)
+        try:
+            from analysis import dashboard
+
+            self.noted[study.study_name] = time.monotonic()
+            return dashboard.refresh(self.storage, study, plan, self.results_dir, self.url)
+        except Exception as e:  # noqa: BLE001 -- the dashboard is a view: never worth a sweep
+            self.dashboard_ok = False
+            self.log(f"warning: dashboard notes are off for this run: {type(e).__name__}: {e}")
+            return None
 
     def dashboard(self, ev: dict[str, Any]) -> None:
         """The trial's note (setting, seed, state) and, as trials end, the study's note and figure with
-        our table: at most every DASHBOARD_EVERY_S per study, and always when its last point finishes."""
+        our table: at most every DASHBOARD_EVERY_S per study (print_finished refreshes them when the
+        sweep ends)."""
         found = [(s, p) for s, p in self.loaded if s.study_name == ev.get("study")]
         if not self.dashboard_ok or not found or "number" not in ev:
             return
@@ -133,10 +151,9 @@ class Progress:
             run_dir = self.run_dirs.get((ev["study"], ev["number"]))
             dashboard.save_trial_note(study, ev["number"], ev["setting"], ev["seed"], run_dir=run_dir,
                                       value=ev.get("value"), state=ev.get("state", "RUNNING"))
-            now = time.monotonic()
-            last = plan in self.finished or now - self.noted.get(study.study_name, -math.inf) > DASHBOARD_EVERY_S
-            if ev["kind"] == "end" and last:
-                self.noted[study.study_name] = now
+            due = time.monotonic() - self.noted.get(study.study_name, self.started) > DASHBOARD_EVERY_S
+            if ev["kind"] == "end" and due and plan not in self.finished:  # a finished one: print_finished
+                self.noted[study.study_name] = time.monotonic()
                 dashboard.refresh(self.storage, study, plan, self.results_dir, self.url)
         except Exception as e:  # noqa: BLE001 -- the dashboard is a view: never worth a sweep
             self.dashboard_ok = False

@@ -87,7 +87,8 @@ def save_trial_note(study: optuna.Study, number: int, label: str, seed: int, **k
 
 def refresh(storage: optuna.storages.BaseStorage, study: optuna.Study, plan: Plan, results_dir: Path,
             url: str) -> Table:
-    """Save the study note (the paper's numbers and ours) and the table's figure; returns the table."""
+    """Save the study note (the paper's numbers and ours) and the table's figure; returns the table
+    (built once, so the caller prints the same one)."""
     from optuna_dashboard import save_note, save_plotly_graph_object
 
     table = load_table(results_dir, url, plan.sweep, plan.profile.name)
