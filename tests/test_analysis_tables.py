@@ -309,7 +309,7 @@ def test_sweep_summary_prints_and_writes(results, tmp_path):
     row = next(x for x in lines if x.split()[:1] == ["r=16"])
     r16 = list(fixture_errors("r=16").values())
     assert f"{np.mean(r16):.2f} ± {np.std(r16, ddof=1):.2f}" in row and "22.28" in row and "28.1" in row
-    assert "0.38" in row and row.split()[-1] == "—" and "no detected difference" not in row
+    assert "380 k" in row and row.split()[-1] == "—" and "no detected difference" not in row
     assert "missing: r=32: seed 2" in text
     out = tmp_path / "r" / PROFILE / "ratio"
     assert (out / "table.md").read_text() == render(load_table(results, None, load_sweep("ratio"), PROFILE), "md")
