@@ -186,6 +186,24 @@ def test_finished_sweep_leaves_our_table_trial_notes_and_a_figure(tmp_path, fake
     assert dots == {k: sorted(v) for k, v in means.items()}  # one dot per seed, each its trial's value
     study_notes.save_study_note(storage, study, plan)  # a rerun's start keeps our table
     assert get_note(study) == note
+    api = dashboard_api(storage, f"/api/studies/{study._study_id}")  # what the dashboard's page reads
+    assert api["note"]["body"] == note
+    assert [g["id"] for g in api["plotly_graph_objects"]] == [dashboard.PLOT_ID]
+
+
+def dashboard_api(storage, path: str) -> dict:
+    """GET `path` from optuna-dashboard's WSGI app, in this process (no server, no port)."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(wsgi(storage)(environ, lambda s, headers, exc=None: status.append(s)))
+    assert status[0].startswith("200"), status
+    return json.loads(body)
 
 
 def optuna_trial(study, frozen):
