@@ -36,7 +36,7 @@ install: $(STAMP)
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --upgrade pip
-	.venv/bin/pip install -e '.[dev,scale]'
+	.venv/bin/pip install -e '.[dev,scale,tensorboard]'
 	touch $@
 
 # An existing interpreter: install the project without touching its packages (no registry needed).

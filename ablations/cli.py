@@ -31,18 +31,78 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option's default stated, unless its help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False or action.default == []
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
+# What each command's --help ends with: commands that run as written from the repository root.
+EXAMPLES = {
+    "complexity": ["ablate complexity ratio", "ablate complexity ratio --profile paper --format csv"],
+    "config": ["ablate config", "ablate config --profile cifar --set train.epochs=5"],
+    "train": ["ablate train --out /tmp/se-r16", "ablate train --sweep ratio --setting r=8 --seed 1 --out /tmp/r8"],
+    "run": ["ablate run ratio", "ablate run ratio stages --seeds 5 --workers 2",
+            "ablate run ratio --precision 0.5 --max-seeds 10", "ablate run ratio --profile cifar --devices cuda:0,cuda:1"],
+    "worker": ["ablate worker --study ratio-quick", "ablate worker --study ratio-cifar --device cuda:1"],
+    "launch": ["ablate launch ratio --slurm --array 8 --gpus-per-node 1 --storage postgresql://host/db",
+               "ablate launch ratio --slurm --executor local --array 2 --wait"],
+    "status": ["ablate status", "ablate status --storage postgresql://host/db"],
+    "dashboard": ["ablate dashboard", "ablate dashboard --port 8081"],
+    "table": ["ablate table ratio", "ablate table ratio --format latex > table10.tex"],
+    "tables": ["ablate tables", "ablate tables --profile cifar"],
+    "figures": ["ablate figures", "ablate figures --channels all"],
+    "notebooks": ["ablate notebooks"],
+    "report": ["ablate report", "ablate report --profile cifar --results-dir /data/results"],
+}
+
+
+def epilog(command: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[command])
+
+
+def version() -> str:
+    """The installed distribution's version, or the source tree's where it is used uninstalled."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from ablations import __version__
+
+    try:
+        return installed("se-ablations")
+    except PackageNotFoundError:
+        return __version__
+
+
 # --------------------------------------------------------------------------------------------------
 # entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="ablate", description="SE ablation runner (SENet Tables 10-16, Fig. 6/7).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    p = Parser(prog="ablate", description="SE ablation runner (SENet Tables 10-16, Fig. 6/7).",
+               formatter_class=HelpFormatter,
+               epilog="examples:\n  ablate run ratio\n  ablate table ratio\n  ablate report\n"
+                      "`ablate COMMAND --help` for each command's options and examples.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND",
+                           title="commands")
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return _add_parser(name, formatter_class=HelpFormatter, epilog=epilog(name),
+                           description=kw.get("help"), **kw)
+
+    sub.add_parser = add_parser
 
     c = sub.add_parser("complexity", help="params and GFLOPs (MACs) per setting, beside the paper's")
     c.add_argument("sweep", help="sweep name (ratio, stages, ...) or YAML path")
-    c.add_argument("--profile", default="paper", help="profile name or YAML path (default: paper)")
-    c.add_argument("--format", choices=FORMATS, default="table")
+    c.add_argument("--profile", default="quick", help="profile name or YAML path (default: quick)")
+    c.add_argument("--format", choices=FORMATS, default="table", help="output format")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key, e.g. data.input_size=160 (repeatable)")
 
@@ -61,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     def overrides(q: argparse.ArgumentParser) -> None:
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a profile key, e.g. train.epochs=5 (repeatable)")
-        q.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder")
+        q.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder (default: the profile's data.root)")
 
     t = sub.add_parser("train", help="train one setting into a run directory")
     t.add_argument("--profile", default="quick", help="profile name or YAML path (default: quick)")
     t.add_argument("--out", required=True, help="run directory (resumes if it holds a checkpoint)")
-    t.add_argument("--sweep", default=None, help="take the SE setting from this sweep (with --setting)")
+    t.add_argument("--sweep", default=None, help="take the SE setting from this sweep (with --setting; default: none, standard SE r=16)")
     t.add_argument("--setting", default=None, help="row label in --sweep (default: standard SE, r=16)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="the trial's seed")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     overrides(t)
 
@@ -78,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the sweep's)")
     r.add_argument("--precision", default=None, metavar="POINTS",
                    help="add seeds in rounds until every row's minimum detectable effect (top-1 points, "
-                        "80%% power, alpha 0.05) is at most this; the rule reads the spread, never the deltas")
+                        "80%% power, alpha 0.05) is at most this; the rule reads the spread, never the deltas (default: off, the fixed --seeds)")
     r.add_argument("--max-seeds", default=None, metavar="N",
                    help="with --precision: stop adding seeds here (default: 20)")
-    r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    r.add_argument("--devices", default=None, help="cpu or cuda:0,cuda:1,... (workers pinned round-robin)")
+    r.add_argument("--workers", type=int, default=1, help="trials trained at once on this machine")
+    r.add_argument("--devices", default=None, help="cpu or cuda:0,cuda:1,... (workers pinned round-robin; default: every GPU, else cpu)")
     r.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
     overrides(r)
 
@@ -91,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(w, profile=None)
     w.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     w.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per trial (torchrun DDP)")
-    w.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder")
+    w.add_argument("--data-root", default=None, help="data root for cifar10/cifar100/imagefolder (default: the profile's data.root)")
 
     la = sub.add_parser("launch", help="queue sweeps and submit workers as a SLURM job array (submitit)")
     la.add_argument("sweeps", nargs="*", help="sweep names or YAML paths to queue (or --study)")
@@ -100,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--study", action="append", default=[], help="an existing study to work on (repeatable)")
     la.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the sweep's)")
     la.add_argument("--array", type=int, default=1, help="worker jobs (array tasks)")
-    la.add_argument("--partition", default=None, help="SLURM partition")
+    la.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default partition)")
     la.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per job; a trial uses all of them (DDP)")
-    la.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per job")
-    la.add_argument("--mem-gb", type=float, default=None, help="memory per job")
+    la.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per job (default: SLURM's)")
+    la.add_argument("--mem-gb", type=float, default=None, help="memory per job in GB (default: SLURM's)")
     la.add_argument("--time", type=int, default=1440, help="minutes per job; then it is requeued (default 1440)")
     la.add_argument("--executor", choices=("slurm", "local"), default="slurm",
                     help="local: the same jobs as processes on this machine")
@@ -116,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, bound to 127.0.0.1")
     common(d, profile=None)
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    d.add_argument("--port", type=int, default=8080, help="port to listen on")
 
     tb = sub.add_parser("table", help="print one paper table (mean +- std; delta vs the reference with CI, "
                                       "Holm p, MDE, verdict; paper numbers)")
     tb.add_argument("sweep", help="sweep name or YAML path")
     common(tb)
-    tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md")
+    tb.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md", help="output format")
 
     for name, help_ in (("tables", "write every table that has results"),
                         ("figures", "draw Fig. 6/7, training curves and per-table plots"),
@@ -161,7 +221,11 @@ def check_dir_options(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `ablate`: what it can do, not a usage error
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         check_environment()
         check_dir_options(args)

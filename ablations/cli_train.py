@@ -13,6 +13,7 @@ from ablations.devices import is_group
 from ablations.errors import SpecError, TrialFailed
 from ablations.schema import SESpec, Setting
 from ablations.spec import load_profile, load_sweep, run_config
+from ablations.units import macs_text, params_text
 
 DEFAULT_LABEL = "SE r=16"
 
@@ -39,14 +40,19 @@ def cli_train(args: argparse.Namespace) -> int:
         from ablations.ddp import launch as trainer
     else:
         from ablations.train import train as trainer
+    from ablations.tensorboard_log import EpochScalars
+
+    scalars = EpochScalars(Path(args.out))
     try:
-        final = trainer(cfg, Path(args.out), device=args.device, data_root=args.data_root)
+        final = trainer(cfg, Path(args.out), device=args.device, data_root=args.data_root, on_epoch=scalars)
     except TrialFailed as e:
         print(f"error: trial failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        scalars.close()
     print(f"{cfg.setting} (profile {cfg.profile}, seed {cfg.seed}): top-1 error {final.top1_err:.2f}%  "
           f"top-5 error {final.top5_err:.2f}%  val loss {final.val_loss:.4f}")
-    print(f"{final.params_m:.3f} M params  {final.gflops:.4f} GFLOPs  {final.epochs} epochs  "
+    print(f"{params_text(final.params_m)} params  {macs_text(final.gflops)} MACs  {final.epochs} epochs  "
           f"{final.train_seconds:.1f} s training  {final.images_per_s:.0f} images/s on "
           f"{final.device}  -> {args.out}")
     return 0
@@ -109,8 +115,24 @@ def cli_complexity(args: argparse.Namespace) -> int:
     elif args.format == "json":
         print(json.dumps(rows, indent=2))
     else:
-        print(df.to_string(index=False, na_rep="-"))
+        print(complexity_text(rows))
     return 0
+
+
+def complexity_text(rows: list[dict]) -> str:
+    """The table for people: exact counts in units that scale (a quick-profile row's 430 k params and
+    5.18 M MACs, not 0.4 and 0.01 on every row), the paper's beside them, a dash where it has none."""
+    import pandas as pd
+
+    from ablations.units import scaled
+
+    return pd.DataFrame({
+        "setting": [r["setting"] for r in rows],
+        "params": [scaled(r["params"]) for r in rows],
+        "FLOPs (MACs)": [scaled(r["macs"]) for r in rows],
+        "paper params": [params_text(r["paper_params_m"]) for r in rows],
+        "paper FLOPs": [macs_text(r["paper_gflops"]) for r in rows],
+    }).to_string(index=False)
 
 
 def cli_config(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ trainer read it, all through this module (which imports no torch, so reading res
         checkpoint.pt     after every epoch (checkpoint.prev.pt: the one before; checkpoints.py)
         excitations.npz   the excitation probe (probe.py)
         final.json        a FinalRecord, written last: its presence means the trial is complete
+        events.out.tfevents.*  per-epoch scalars for TensorBoard, where it is installed (tensorboard_log.py)
         .lock             held while a trainer works in it (resilience.run_dir_lock)
     <results>/<profile>/<sweep>/table.{md,csv}       the sweep's table when it ends
     <results>/<profile>/{tables,figures,notebooks}/  the analysis; <results>/<profile>/report.html

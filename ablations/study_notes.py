@@ -1,6 +1,7 @@
 """The note each study carries for optuna-dashboard (optuna_dashboard.save_note, shown on the study's
 page): what it reproduces, the sweep's description, the profile, and the paper's published numbers per
-setting. `ablate run` saves it beside the first trials: importing optuna-dashboard takes seconds.
+setting. `ablate run` saves it beside the first trials: importing optuna-dashboard takes seconds. As
+trials complete, analysis/dashboard.py adds our table under it.
 """
 
 from __future__ import annotations
@@ -59,10 +60,16 @@ def study_note(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def note_digest(plan: Plan) -> str:
+    """What NOTE_DIGEST holds once the note of `plan` is saved (with our table under it or not)."""
+    return hashlib.sha1(study_note(plan).encode()).hexdigest()
+
+
 def save_study_note(storage: optuna.storages.BaseStorage, study: optuna.Study, plan: Plan) -> None:
-    """Attach (or update) the study's note and name its objective; a no-op when already current."""
+    """Attach (or update) the study's note and name its objective; a no-op when already current (so a
+    rerun keeps the table analysis/dashboard.py wrote under it)."""
     body = study_note(plan)
-    digest = hashlib.sha1(body.encode()).hexdigest()
+    digest = note_digest(plan)
     study_id = storage.get_study_id_from_name(study.study_name)
     # Importing optuna_dashboard costs seconds (it pulls in scikit-learn); only pay when the note changed.
     if storage.get_study_system_attrs(study_id).get(NOTE_DIGEST) != digest:

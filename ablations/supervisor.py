@@ -16,10 +16,10 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from ablations import resilience, worker
+from ablations import resilience, storage_url, worker
 from ablations.grid import Plan, enqueue_missing, open_study, point_states
 from ablations.processes import usable_cores
-from ablations.progress import Progress, outcome
+from ablations.progress import Progress, outcome, start_summary
 from ablations.recovery import recover
 from ablations.storage import grid_lock, open_storage
 from ablations.study_notes import save_study_note
@@ -119,6 +119,8 @@ def run(plans: list[Plan], url: str, results_dir: Path, devices: list[str], work
     progress = Progress(storage, loaded, results_dir, url, bars=bars, tables=tables)
     names = [study.study_name for study, _ in loaded]
     workers = max(1, min(workers, queued))
+    if queued:
+        progress.log(start_summary(loaded, queued, workers, devices, storage_url.shown(url), results_dir))
     if workers == 1:  # in-process: no interpreter start-up, and Ctrl-C / kill -9 need no plumbing
         worker.work(url, names, results_dir=results_dir, device=devices[0], data_root=None,
                     emit=progress.handle, trainer=trainer)

@@ -43,6 +43,7 @@ from ablations.probe import probe_excitations, save_excitations
 from ablations.rng import rng_state, seed_all, set_rng_state
 from ablations.schema import RunConfig, TrainSpec
 from ablations.spec import load_run_config
+from ablations.terminal import real_terminal  # a log file gets the epoch lines, not bar frames
 
 CHECKPOINT_FORMAT = 1
 NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync on a GPU
@@ -161,8 +162,8 @@ def precise_bn(model: nn.Module, data: TrialData, epoch: int, seed: int, batches
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not enabled or not real_terminal(),
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def autocast(spec: TrainSpec, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -308,7 +309,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
         if progress:
             from tqdm.auto import tqdm
 
-            tqdm.write(f"epoch {epoch + 1}/{spec.epochs}  train_loss {train_loss:.4f}  val_loss "
+            tqdm.write(f"epoch {epoch + 1}/{spec.epochs}  lr {lr:.3g}  train_loss {train_loss:.4f}  val_loss "
                        f"{val_loss:.4f}  top1_err {top1:.2f}%  top5_err {top5:.2f}%  {epoch_s:.1f}s  "
                        f"{row['images_per_s']:.0f} img/s", file=sys.stderr)
         if on_epoch is not None:

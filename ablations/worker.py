@@ -30,6 +30,7 @@ from ablations.grid import Plan, plan_from_attrs
 from ablations.processes import die_with_multiprocessing_parent, sigterm_as_interrupt, worker_identity
 from ablations.recovery import recover
 from ablations.storage import grid_lock, load_named_study, open_storage
+from ablations.tensorboard_log import EpochScalars
 from ablations.trials import fail, grid_point, pop_waiting, requeue, trial_id, trials_in
 
 POLL_S = 0.2  # idle workers look for requeued trials this often while others still run (a cheap query)
@@ -98,6 +99,7 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
     base = {"worker": worker, "study": study.study_name, "number": trial.number, "setting": label, "seed": seed}
     started = time.monotonic()
     epochs_seen: list[int] = []
+    scalars = EpochScalars(run_dir)  # TensorBoard, where it is installed
 
     def on_epoch(row: dict[str, float]) -> None:  # one metric row (rundir.METRIC_COLUMNS)
         epoch = int(row["epoch"])
@@ -116,6 +118,7 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
         if lost:  # a retry owns the point now: stop before writing anything more
             raise ClaimLost(f"trial {trial.number} was declared dead and retried elsewhere")
         epochs_seen.append(epoch)
+        scalars(row)
         emit({**base, "kind": "epoch", "epoch": epoch, "metrics": dict(row)})
 
     def hand_back(reason: str) -> None:
@@ -193,6 +196,8 @@ def run_trial(storage: optuna.storages.RDBStorage, study: optuna.Study, plan: Pl
                 raise resilience.results_dir_error(Path(results_dir), e, "the trial was queued again") from None
             emit({**base, "kind": "log", "text": traceback.format_exc()})
             return finish("FAIL", reason=f"{type(e).__name__}: {e}".splitlines()[0])
+        finally:
+            scalars.close()
     resilience.storage_call(lambda: store(final.to_attrs()), storage.url)
     if not math.isfinite(final.top1_err):
         return finish("FAIL", reason=f"final top1_err is {final.top1_err!r}")
@@ -268,7 +273,7 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
 # The last ones are what Optuna's RDB storage imports when a process opens its first one (0.5 s per
 # worker, serialised by the storage lock); the fork server ignores a name that does not import.
 PRELOAD = ("ablations.worker", "ablations.train", "ablations.data", "ablations.complexity", "ablations.probe",
-           "ablations.patch", "timm",
+           "ablations.patch", "timm", "torch.utils.tensorboard",
            "optuna.storages._rdb.models", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
            "alembic.migration", "alembic.script")
 

@@ -102,11 +102,14 @@ def cli_figures(args: argparse.Namespace) -> int:
 
 def cli_notebooks(args: argparse.Namespace) -> int:
     """Execute every notebook; exit 1 if any cell fails (its executed copy still holds the traceback)."""
-    from analysis.execute import execute_all
+    from analysis.execute import execute_all, table_sweep, with_results
 
     results_dir, profile = _results_dir(args), _profile(args)
+    run, skipped = with_results(results_dir, profile, args.storage)
+    for path in skipped:
+        print(f"{path.name}: skipped (no completed trial of {table_sweep(path)} on profile {profile})")
     failed = 0
-    for done in execute_all(results_dir, profile, args.storage):
+    for done in execute_all(results_dir, profile, args.storage, paths=run):
         status = "ok" if done.error is None else f"FAILED: {done.error}"
         failed += done.error is not None
         print(f"{done.source.name}: {status} -> {done.output}")

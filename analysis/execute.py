@@ -36,6 +36,26 @@ def notebooks() -> list[Path]:
     return sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
 
+def table_sweep(path: Path) -> str | None:
+    """The sweep a table notebook shows (`table10_ratio.ipynb` -> ratio); None for the others."""
+    match = re.fullmatch(r"table\d+_(\w+)\.ipynb", path.name)
+    return match.group(1) if match else None
+
+
+def with_results(results_dir: str | Path, profile: str, storage: str | None) -> tuple[list[Path], list[Path]]:
+    """The notebooks worth executing (every non-table one, and each table whose sweep has a completed
+    trial on `profile`) and the table notebooks skipped: an empty Table 11 reported "ok" helps no one."""
+    from analysis import load
+
+    trials = load.completed(load.load_trials(results_dir, storage, profile=profile))
+    done = set(trials["sweep"])
+    run, skipped = [], []
+    for path in notebooks():
+        sweep = table_sweep(path)
+        (skipped if sweep is not None and sweep not in done else run).append(path)
+    return run, skipped
+
+
 def notebooks_dir(results_dir: str | Path, profile: str) -> Path:
     return analysis_dir(results_dir, profile, "notebooks")
 

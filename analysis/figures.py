@@ -19,12 +19,10 @@ import seaborn as sns
 from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from ablations import rundir
 from ablations.atomic import write_atomic
-from ablations.schema import SESpec, Sweep
-from analysis import excitations, load, stats
+from analysis import curves, excitations, load, stats
 from analysis.tables import Table, all_sweeps, build_table
 
 DPI = 150  # PNG pixels = figsize (inches) x DPI; saved without a tight bbox so the size is exact
@@ -89,12 +87,11 @@ def fig6(exc: load.Excitations, classes: list[int] | None = None, blocks: list[s
         fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.6), layout="constrained")
         # Shared y: the gate's range is comparable across depths, which is what the figure is about.
         axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
-        colors = sns.color_palette(PALETTE, len(classes))
         for ax, block in zip(axes, blocks):
             shown = excitations.sample_channels(exc.mean[block].shape[1], channels)
-            for color, cls in zip(colors, classes):
-                ax.plot(shown, exc.mean[block][_row(exc, cls), shown], lw=0.8, alpha=0.8, color=color,
-                        label=f"class {cls}")
+            for (color, style, marker), cls in zip(class_styles(len(classes)), classes):
+                ax.plot(shown, exc.mean[block][_row(exc, cls), shown], lw=0.9, alpha=0.85, color=color,
+                        ls=style, marker=marker, ms=2.6, label=f"class {cls}")
             avg = stats.class_average(exc.mean[block], exc.counts)[shown]
             # White halo: the reference line must stay readable on top of the class lines.
             ax.plot(shown, avg, lw=1.4, color="black", ls="--", label="all classes",
@@ -103,6 +100,19 @@ def fig6(exc: load.Excitations, classes: list[int] | None = None, blocks: list[s
         _hide_spare_and_legend(fig, axes, len(blocks))
         fig.suptitle(title or f"Mean excitation per channel ({_run_name(exc)})")
     return fig
+
+
+# Fig. 6's classes: hues of the colour-blind palette that stay apart under deuteranopia and protanopia
+# (its green and vermilion do not), and a line style and marker each, so colour is never the only cue.
+CLASS_HUES = (0, 1, 4, 2, 9, 5, 6, 8)
+CLASS_LINES = ("-", "--", "-.", ":")
+CLASS_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def class_styles(n: int) -> list[tuple[tuple[float, float, float], str, str]]:
+    palette = sns.color_palette(PALETTE, 10)
+    return [(palette[CLASS_HUES[i % len(CLASS_HUES)]], CLASS_LINES[i % len(CLASS_LINES)],
+             CLASS_MARKERS[i % len(CLASS_MARKERS)]) for i in range(n)]
 
 
 def _channel_axes(ax, block: str, n_channels: int, n_shown: int) -> None:
@@ -206,54 +216,6 @@ def _stage_boundaries(ax, order: pd.DataFrame) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training curves (paper Fig. 4 style)
-
-
-def curve_pair(sweep: Sweep) -> tuple[str, str] | None:
-    """(baseline label, standard-SE label) when the sweep has both a no-SE row and the standard SE row."""
-    base = next((s.label for s in sweep.settings if s.se is None), None)
-    se = next((s.label for s in sweep.settings if s.se == SESpec()), None)
-    return (base, se) if base and se else None
-
-
-def curves_frame(results_dir: str | Path, done: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """Long-form per-epoch metrics of the given settings' completed runs (one row per run x epoch)."""
-    parts = []
-    for _, row in done[done["setting"].isin(labels)].iterrows():
-        m = load.read_metrics(load.locate_run_dir(results_dir, row))
-        if m is not None and len(m):
-            parts.append(m.assign(setting=row["setting"], seed=int(row["seed"])))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def training_curves(curves: pd.DataFrame, baseline: str, se: str, title: str = "") -> Figure:
-    """Loss (train dashed, validation solid) and validation top-1 error per epoch, mean +- std over seeds."""
-    order = [baseline, se]
-    colors = dict(zip(order, sns.color_palette(PALETTE, 2)))
-    with _style():
-        fig = Figure(figsize=(11, 4.2), layout="constrained")
-        ax_loss, ax_err = fig.subplots(1, 2)
-        loss = curves.melt(id_vars=["setting", "seed", "epoch"], value_vars=["train_loss", "val_loss"],
-                           var_name="split", value_name="loss")
-        loss["split"] = loss["split"].map({"train_loss": "train", "val_loss": "validation"})
-        sns.lineplot(data=loss, x="epoch", y="loss", hue="setting", hue_order=order, palette=colors,
-                     style="split", style_order=["validation", "train"], errorbar="sd", ax=ax_loss)
-        sns.lineplot(data=curves, x="epoch", y="top1_err", hue="setting", hue_order=order, palette=colors,
-                     errorbar="sd", marker="o", markersize=4, ax=ax_err)
-        for a in (ax_loss, ax_err):
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        # Log scale: an unstable first epoch (validation loss in the hundreds) must not flatten the rest.
-        ax_loss.set_yscale("log")
-        ax_loss.set_title("loss")
-        ax_err.set_title("validation top-1 error")
-        ax_err.set_ylabel("top-1 error (%)")
-        n = curves.groupby("setting")["seed"].nunique()
-        fig.suptitle(title or "Training curves, mean ± std over seeds "
-                     f"({baseline}: {n.get(baseline, 0)} seeds, {se}: {n.get(se, 0)} seeds)")
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------
 # One plot per table
 
 
@@ -300,6 +262,22 @@ def table_plot(table: Table) -> Figure:
                     Line2D([], [], ls="", marker="o", color=ref_color, label="reference row")]
         ax.legend(handles=handles, loc="best", frameon=True, fontsize="small")
         fig.suptitle(table.title)
+    return fig
+
+
+def table_edf(table: Table) -> Figure:
+    """The empirical distribution of per-seed top-1 errors, one step curve per row (pycls' sweep
+    analysis): a row whose curve lies left of another's is lower at every quantile, not just on average."""
+    runs = table.runs
+    order = [s for s in table.rows["setting"] if s in set(runs["setting"])]
+    with _style():
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.subplots()
+        if order:
+            sns.ecdfplot(data=runs, x="top1_err", hue="setting", hue_order=order,
+                         palette=sns.color_palette(PALETTE, len(order)), lw=1.8, ax=ax)
+        ax.set(xlabel="top-1 error (%)", ylabel="fraction of seeds with error ≤ x",
+               title=f"{table.title}: per-seed error distribution")
     return fig
 
 
@@ -354,8 +332,9 @@ def write_figures(results_dir: str | Path, storage: str | None, profile: str,
             continue
         table = build_table(trials, sweep, profile, studies.get((sweep.name, profile)))
         written += save(table_plot(table), out_dir / f"{table.stem}_top1")
-        pair = curve_pair(sweep)
-        curves = curves_frame(results_dir, mine, list(pair)) if pair else pd.DataFrame()
-        if pair and not curves.empty:
-            written += save(training_curves(curves, *pair), out_dir / f"fig4_training_{sweep.name}")
+        written += save(table_edf(table), out_dir / f"{table.stem}_edf")
+        rows = curves.curve_settings(sweep)
+        frame = curves.curves_frame(results_dir, mine, rows)
+        if not frame.empty:
+            written += save(curves.training_curves(frame, rows), out_dir / f"fig4_training_{sweep.name}")
     return written

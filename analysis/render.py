@@ -14,23 +14,13 @@ import re
 
 import pandas as pd
 
+from ablations.units import DASH, macs_text, params_text
 from analysis import stats
 from analysis.tables import Table
-
-DASH = "—"
 
 
 def _num(x: float, digits: int = 2) -> str:
     return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _sig(x: float | None) -> str:
-    """3 significant digits: 28.1 M params on ImageNet and 0.372 M on the quick profile both read well."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return DASH
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:#.3g}".rstrip(".")  # '#' keeps 0.380 aligned with 0.419; rstrip turns "100." into "100"
 
 
 def _pm(mean: float, std: float) -> str:
@@ -73,7 +63,8 @@ def _tests(r: pd.DataFrame, key: str, suffix: str) -> dict[str, list[str] | pd.S
 
 
 def display_frame(table: Table) -> pd.DataFrame:
-    """Formatted cells with the paper's column names (errors in %, params in M, GFLOPs = GMACs)."""
+    """Formatted cells with the paper's column names: errors in %; params and FLOPs (the paper's
+    "GFLOPs": multiply-accumulates) in units that scale, 28.1 M and 430 k, 3.87 G and 5.46 M."""
     r, top5 = table.rows, table.show_top5
     label = [f"{s} (ref)" if ref else s for s, ref in zip(r["setting"], r["reference"])]
     cells: dict[str, pd.Series | list[str]] = {
@@ -89,21 +80,21 @@ def display_frame(table: Table) -> pd.DataFrame:
     if top5:
         cells.update(_tests(r, "top5", " top-5"))
     cells.update({
-        "params (M)": r["params_m"].map(_sig),
-        "GFLOPs": r["gflops"].map(_sig),
+        "params": r["params_m"].map(params_text),
+        "FLOPs (MACs)": r["gflops"].map(macs_text),
         "images/s": r["images_per_s"].map(_rate),
         "paper top-1": r["paper_top1"].map(_num),
     })
     if top5:
         cells["paper top-5"] = r["paper_top5"].map(_num)
-    cells["paper params (M)"] = r["paper_params_m"].map(lambda x: _num(x, 1))
-    cells["paper GFLOPs"] = r["paper_gflops"].map(_num)
+    cells["paper params"] = r["paper_params_m"].map(params_text)
+    cells["paper FLOPs"] = r["paper_gflops"].map(macs_text)
     return pd.DataFrame(cells)
 
 
 def caption(table: Table) -> str:
     return (f"{table.title}. {table.sweep.description} Errors in %, mean ± sample std over seeds, "
-            "95% CI from Student's t. GFLOPs are multiply-accumulates.").replace("  ", " ").strip()
+            "95% CI from Student's t. FLOPs are multiply-accumulates, as the paper's GFLOPs.").replace("  ", " ").strip()
 
 
 def _range(values: list[int]) -> str:
@@ -223,8 +214,10 @@ def _html(table: Table) -> str:
     body = df.to_html(index=False, escape=True, border=0, classes="ablation-table")
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(table))
     paragraphs = "".join(f'<p class="stats-note">{html.escape(n)}</p>\n' for n in stat_notes(table))
+    # A wide table scrolls inside its box (the setting column stays in view), not the whole page.
     return (f'<figure class="table" id="{html.escape(table.stem)}">\n'
-            f"<figcaption>{html.escape(caption(table))}</figcaption>\n{body}\n{paragraphs}"
+            f'<figcaption>{html.escape(caption(table))}</figcaption>\n<div class="table-scroll">{body}</div>\n'
+            f"{paragraphs}"
             + (f'<ul class="missing">{items}</ul>\n' if items else "") + "</figure>\n")
 
 

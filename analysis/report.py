@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import importlib.metadata
+import math
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +22,7 @@ from ablations import rundir, storage_url
 from ablations.atomic import write_atomic
 from ablations.spec import PROFILES_DIR
 from ablations.storage_url import shown
+from ablations.units import DASH
 from analysis import load
 from analysis.figures import figures_dir, write_figures
 from analysis.render import render
@@ -39,6 +42,10 @@ img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5em 0; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 ul.missing { color: #a33; font-size: 13px; }
 nav a { margin-right: 1em; }
+.table-scroll { overflow-x: auto; max-width: 100%; }
+.table-scroll th:first-child, .table-scroll td:first-child { position: sticky; left: 0; background: #fff;
+  box-shadow: 1px 0 0 #ccc; }
+.table-scroll thead th:first-child { background: #f6f6f6; }
 """
 
 
@@ -98,9 +105,45 @@ def _failures(trials: pd.DataFrame) -> str:
     return view.to_html(index=False, border=0)
 
 
+RUN_COLUMNS = {"setting": "setting", "seed": "seed", "state": "state", "top1_err": "top-1 err (%)",
+               "epochs": "epochs", "train_seconds": "time (s)", "images_per_s": "images/s"}
+
+
+def _runs(results_dir: Path, profile: str, trials: pd.DataFrame) -> str:
+    """Every trial of every sweep, one row each, linking its run directory (relative to the report, so
+    the results dir can move): what a reader opens to see one seed's curves, config and checkpoint."""
+    if trials.empty:
+        return "<p>No trials.</p>"
+    here = rundir.report_file(results_dir, profile).parent
+    parts = []
+    for sweep, runs in trials.sort_values(["sweep", "setting", "seed"]).groupby("sweep", sort=True):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in [*RUN_COLUMNS.values(), "run directory"])
+        rows = []
+        for _, r in runs.iterrows():
+            cells = [_run_cell(k, r[k]) for k in RUN_COLUMNS]
+            d = load.locate_run_dir(results_dir, r)
+            link = (f'<a href="{html.escape(os.path.relpath(d, here))}/">{html.escape(d.name)}</a>' if d.is_dir()
+                    else DASH)
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [*cells, link]) + "</tr>")
+        parts.append(f"<h3>{html.escape(str(sweep))}</h3><div class='table-scroll'><table class='runs'>"
+                     f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    return "\n".join(parts)
+
+
+def _run_cell(key: str, value: object) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    if key == "top1_err":
+        return f"{value:.2f}"
+    if key in ("train_seconds", "images_per_s", "epochs"):
+        return f"{float(value):,.0f}"
+    return html.escape(str(value))
+
+
 def _table_section(table: Table, fig_dir: Path) -> str:
-    parts = [f'<h2 id="{table.stem}">{html.escape(table.title)}</h2>', render(table, "html")]
-    for name in (f"{table.stem}_top1", f"fig4_training_{table.sweep.name}"):
+    # The section's id differs from the table's own (render's <figure id=stem>): ids are unique.
+    parts = [f'<h2 id="section-{table.stem}">{html.escape(table.title)}</h2>', render(table, "html")]
+    for name in (f"{table.stem}_top1", f"{table.stem}_edf", f"fig4_training_{table.sweep.name}"):
         png = fig_dir / f"{name}.png"
         if png.is_file():
             parts.append(_img(png, name))
@@ -119,7 +162,7 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
     trials = load.load_trials(results_dir, storage, profile=profile)
 
     counts = trials["state"].value_counts().to_dict()
-    nav = " ".join(f'<a href="#{t.stem}">{html.escape(t.title.split(" (")[0])}</a>' for t in tables)
+    nav = " ".join(f'<a href="#section-{t.stem}">{html.escape(t.title.split(" (")[0])}</a>' for t in tables)
     body = [
         f"<h1>SE ablations: profile {html.escape(profile)}</h1>",
         f"<p>Results: <code>{html.escape(str(results_dir.resolve()))}</code>; storage: "
@@ -127,7 +170,7 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Trials: "
         + ", ".join(f"{n} {html.escape(str(s))}" for s, n in sorted(counts.items())) + ".</p>",
         f"<nav>{nav} <a href='#excitations'>Fig. 6/7, class specificity</a> "
-        "<a href='#environment'>Environment</a></nav>",
+        "<a href='#runs'>Runs</a> <a href='#environment'>Environment</a></nav>",
         *(_table_section(t, fig_dir) for t in tables),
         '<h2 id="excitations">Fig. 6 and 7: excitations; class specificity by depth</h2>',
     ]
@@ -143,7 +186,8 @@ def build_report(results_dir: str | Path, storage: str | None, profile: str) -> 
         png = fig_dir / f"{name}.png"
         body.append(f"<figure><figcaption>{caption}</figcaption>{_img(png, name)}</figure>" if png.is_file()
                     else f"<p>{name}: no completed run with SE excitations.</p>")
-    body += ["<h2>Failed trials</h2>", _failures(trials)]
+    body += ["<h2>Failed trials</h2>", _failures(trials),
+             '<h2 id="runs">Runs</h2>', _runs(results_dir, profile, trials)]
     profile_yaml = PROFILES_DIR / f"{profile}.yaml"
     body += ['<h2 id="environment">Environment</h2>', "<h3>Profile</h3>",
              _pre(profile_yaml.read_text()) if profile_yaml.is_file() else "<p>(profile file not found)</p>",

@@ -57,8 +57,13 @@ def _values(x: Iterable[float]) -> np.ndarray:
     return a[~np.isnan(a)]
 
 
-def summarize(x: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
-    """Mean, sample std and Student-t CI of the non-NaN values; std and CI need two of them."""
+ERROR_RANGE = (0.0, 100.0)  # an error rate in %: a CI bound outside it is no error rate anyone could see
+
+
+def summarize(x: Iterable[float], confidence: float = CONFIDENCE,
+              bounds: tuple[float, float] | None = None) -> Summary:
+    """Mean, sample std and Student-t CI of the non-NaN values; std and CI need two of them. `bounds`:
+    the values' range (ERROR_RANGE for error rates), to which the CI is clipped."""
     a = _values(x)
     n = a.size
     if n == 0:
@@ -68,7 +73,10 @@ def summarize(x: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
         return Summary(1, mean, math.nan, math.nan, math.nan)
     std = float(a.std(ddof=1))
     half = float(sps.t.ppf(0.5 + confidence / 2, df=n - 1)) * std / math.sqrt(n)
-    return Summary(n, mean, std, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(n, mean, std, low, high)
 
 
 def mde(n: int, sd: float, paired: bool = True, n_ref: int | None = None, alpha: float = ALPHA,

@@ -35,9 +35,11 @@ def write_all_tables(results_dir: str | Path, storage: str | None, profile: str)
     return written
 
 
-def sweep_summary(results_dir: Path, storage: str | None, sweep: Sweep, profile: str) -> str:
-    """What the scheduler prints when a sweep ends; also writes <results>/<profile>/<sweep>/table.{md,csv}."""
-    table = load_table(results_dir, storage, sweep, profile)
+def sweep_summary(results_dir: Path, storage: str | None, sweep: Sweep, profile: str,
+                  table: Table | None = None) -> str:
+    """What the scheduler prints when a sweep ends; also writes <results>/<profile>/<sweep>/table.{md,csv}.
+    `table`: the sweep's table when the caller has built it already (the dashboard's note shows it too)."""
+    table = table if table is not None else load_table(results_dir, storage, sweep, profile)
     out = rundir.sweep_dir(results_dir, profile, sweep.name)
     for name in rundir.SWEEP_FILES:  # table.md, table.csv
         write_atomic(out / name, render(table, Path(name).suffix.removeprefix(".")))

@@ -239,7 +239,7 @@ def build_table(trials: pd.DataFrame, sweep: Sweep, profile: str, study_attrs: d
         row = {"setting": label, "reference": is_ref, "n": len(runs),
                "seeds": " ".join(str(s) for s in sorted(have))}
         for m, metric in metrics.items():
-            summary = stats.summarize(runs[metric])
+            summary = stats.summarize(runs[metric], bounds=stats.ERROR_RANGE)
             row.update(zip(_summary_columns(m), (summary.mean, summary.std, summary.ci_low, summary.ci_high)))
             row.update(_test_cells(m, comparisons[m].get(label)))
             row[f"p_{m}_adj"] = adjusted[m].get(label, math.nan)

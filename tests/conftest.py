@@ -50,6 +50,19 @@ def analysis_results(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def built_report(tmp_path_factory) -> tuple[Path, str]:
+    """helpers.make_results with `ablate report` run on it (half a minute: every table and figure):
+    the results dir and the report's HTML, shared by the report's tests and the browser's."""
+    from helpers import PROFILE
+
+    from ablations.cli import main
+
+    results = make_results(tmp_path_factory.mktemp("report"))
+    assert main(["report", "--results-dir", str(results)]) == 0
+    return results, (results / PROFILE / "report.html").read_text()
+
+
+@pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     with running_server() as server:
         yield server

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import seaborn as sns  # noqa: E402
 from helpers import PROFILE, RATIO, make_results  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -112,22 +113,53 @@ def test_table_plot_of_a_sweep_with_its_own_sources_says_so():
                                table.rows["paper_top1"], equal_nan=True)  # ECA-Net's 22.52 among them
 
 
-def test_training_curves_average_the_seeds(results):
-    done = load.completed(load.load_trials(results, profile=PROFILE))
-    pair = figures.curve_pair(load_sweep("ratio"))
-    assert pair == ("original", "r=16")
-    curves = figures.curves_frame(results, done, list(pair))
-    fig = figures.training_curves(curves, *pair)
-    err_ax = fig.axes[1]
-    import seaborn as sns
+def test_training_curves_show_every_row_each_seed_and_their_mean_in_valid_ranges(results):
     from matplotlib.colors import to_rgb
 
-    se_color = sns.color_palette(figures.PALETTE, 2)[1]  # hue order: baseline, SE
-    drawn = [ln for ln in err_ax.lines if len(ln.get_xdata())]  # seaborn's legend proxies are empty
-    assert len(drawn) == 2
-    line = next(ln for ln in drawn if np.allclose(to_rgb(ln.get_color()), se_color))
-    expected = curves[curves["setting"] == "r=16"].groupby("epoch")["top1_err"].mean()
-    np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
+    from analysis import curves
+
+    done = load.completed(load.load_trials(results, profile=PROFILE))
+    rows = curves.curve_settings(load_sweep("ratio"))
+    assert rows == list(RATIO)  # every row, not only r=16 vs original
+    frame = curves.curves_frame(results, done, rows)
+    fig = curves.training_curves(frame, rows)
+    loss_ax, val_ax, err_ax, lr_ax = fig.axes[:4]
+    assert [a.get_title() for a in (loss_ax, val_ax, err_ax, lr_ax)] == [
+        "training loss", "validation loss", "validation top-1 error (%)", "learning rate"]
+    drawn = [ln for ln in err_ax.lines if len(ln.get_xdata())]
+    runs = done[done["setting"].isin(rows)]
+    assert len(drawn) == len(runs) + len(rows)  # a thin line per seed, a thick mean per row
+    se_color = sns.color_palette(curves.PALETTE, len(rows))[rows.index("r=16")]
+    thick = [ln for ln in drawn if ln.get_linewidth() > 2 and np.allclose(to_rgb(ln.get_color()), se_color)]
+    expected = frame[frame["setting"] == "r=16"].groupby("epoch")["top1_err"].mean()
+    np.testing.assert_allclose(thick[0].get_ydata(), expected.to_numpy())
+    low, high = err_ax.get_ylim()
+    assert low == 0 and high <= 100
+
+
+def test_an_outlying_first_epoch_is_named_not_drawn_on_the_loss_scale():
+    from analysis import curves
+
+    rows = [{"setting": "a", "seed": s, "epoch": e, "train_loss": 2.0 / e, "lr": 0.1, "top1_err": 90.0 / e,
+             "val_loss": 1e4 if e == 1 else 1.0 / e} for s in (0, 1) for e in (1, 2, 3, 4)]
+    fig = curves.training_curves(pd.DataFrame(rows))
+    val_ax = fig.axes[1]
+    assert val_ax.get_ylim()[1] < 10  # epoch 1's 10^4 would flatten the rest
+    assert any("epoch 1 off-scale" in t.get_text() for t in val_ax.texts)
+
+
+def test_table_edf_steps_through_each_rows_seeds(results):
+    table = load_table(results, None, load_sweep("ratio"), PROFILE)
+    ax = figures.table_edf(table).axes[0]
+    assert len([ln for ln in ax.lines if len(ln.get_xdata())]) == len(table.rows)
+    assert ax.get_xlabel() == "top-1 error (%)"
+
+
+def test_fig6_class_colours_stay_apart_for_colour_blind_readers():
+    styles = figures.class_styles(4)
+    assert len({c for c, _, _ in styles}) == 4 and len({ls for _, ls, _ in styles}) == 4
+    palette = sns.color_palette(figures.PALETTE, 10)
+    assert not ({palette[2], palette[3]} <= {c for c, _, _ in styles})  # green with vermilion: the hard pair
 
 
 @pytest.mark.slow

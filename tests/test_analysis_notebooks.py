@@ -9,7 +9,7 @@ import pytest
 from helpers import PROFILE, make_results
 
 from ablations.cli import main
-from analysis.execute import INJECTED_TAG, execute_all, notebooks
+from analysis.execute import INJECTED_TAG, execute_all, notebooks, with_results
 
 TABLES = (10, 11, 12, 13, 14, 15, 16)
 
@@ -38,8 +38,11 @@ def test_notebooks_hold_no_analysis_logic(path):
 @pytest.mark.slow
 def test_execute_every_notebook_and_match_ablate_table(tmp_path, capsys):
     results = make_results(tmp_path / "results")
-    executed = execute_all(results, PROFILE, None)
-    assert [e.error for e in executed] == [None] * len(notebooks())
+    run, skipped = with_results(results, PROFILE, None)  # ratio and squeeze have results, no other table
+    assert sorted(p.stem for p in skipped) == [p.stem for p in notebooks()
+                                               if p.stem.startswith("table") and p.stem[5:7] not in ("10", "11")]
+    executed = execute_all(results, PROFILE, None, paths=run)
+    assert [e.error for e in executed] == [None] * len(run) and len(run) == 3
     out = {e.source.stem: nbformat.read(e.output, as_version=4) for e in executed}
     assert all(e.output.parent == results / PROFILE / "notebooks" for e in executed)
 
@@ -58,9 +61,11 @@ def test_execute_every_notebook_and_match_ablate_table(tmp_path, capsys):
     # ... and the CSV the notebook wrote is `ablate table --format csv`.
     assert main(["table", "ratio", "--results-dir", str(results), "--format", "csv"]) == 0
     assert (results / PROFILE / "tables" / "table10.csv").read_text() == capsys.readouterr().out
-    # A table without results still executes and says what is missing.
-    printed13 = "".join(o.get("text", "") for c in _code(out["table13_stages"]) for o in c.outputs)
-    assert "missing: SE_All: seeds 0, 1, 2 (not started)" in printed13
+    assert not (results / PROFILE / "tables" / "table13.md").exists()  # no empty table written
+    # load_trials, the entry point a researcher adapts, shows every trial of the sweep.
+    frames = [o["data"]["text/plain"] for c in _code(out["table10_ratio"]) for o in c.outputs
+              if "text/html" in o.get("data", {}) and "train_seconds" in o["data"]["text/plain"]]
+    assert len(frames) == 1 and "RUNNING" in frames[0] and "FAIL" in frames[0]
 
     figs = out["fig6_fig7_excitations"]
     images = [o for c in _code(figs) for o in c.outputs if "image/png" in o.get("data", {})]
@@ -72,7 +77,7 @@ def test_execute_every_notebook_and_match_ablate_table(tmp_path, capsys):
     assert (results / PROFILE / "figures" / "fig6_excitations.png").is_file()
     assert (results / PROFILE / "figures" / "fig7_excitation_spread.pdf").is_file()
     plots = [o for c in _code(out["table11_squeeze"]) for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(plots) == 1
+    assert len(plots) == 2  # the table's plot and the one to adapt
 
 
 def test_a_failing_notebook_is_reported_and_its_copy_kept(tmp_path):

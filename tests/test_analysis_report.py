@@ -11,19 +11,15 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pytest  # noqa: E402
-from helpers import PROFILE, make_results  # noqa: E402
+from helpers import PROFILE  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from ablations.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the report writes every table and figure first
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    results = make_results(tmp_path_factory.mktemp("results"))
-    assert main(["report", "--results-dir", str(results)]) == 0
-    return results, (results / PROFILE / "report.html").read_text()
+def report(built_report):
+    return built_report
 
 
 def test_report_is_self_contained(report):

@@ -221,7 +221,7 @@ def test_rendered_delta_ci_p_and_verdict(results):
     md = render(table, "md")
     line = next(x for x in md.splitlines() if x.startswith("| r=4 |"))
     assert cell in line and f"| {r['mde_top1']:.2f} |" in line and line.endswith(
-        f"| {r['verdict']} | 0.480 | 0.0123 | 1,010 | 22.25 | 35.7 | — |")
+        f"| {r['verdict']} | 480 k | 12.3 M | 1,010 | 22.25 | 35.7 M | — |")
     head = md.splitlines()[2]
     assert "| Δ top-1 [95% CI] | p | p (Holm) | MDE | verdict |" in head
     assert "paired t-test on the per-seed differences" in md and "(n = 2–3 pairs)" in md
@@ -309,7 +309,7 @@ def test_sweep_summary_prints_and_writes(results, tmp_path):
     row = next(x for x in lines if x.split()[:1] == ["r=16"])
     r16 = list(fixture_errors("r=16").values())
     assert f"{np.mean(r16):.2f} ± {np.std(r16, ddof=1):.2f}" in row and "22.28" in row and "28.1" in row
-    assert "0.38" in row and row.split()[-1] == "—" and "no detected difference" not in row
+    assert "380 k" in row and row.split()[-1] == "—" and "no detected difference" not in row
     assert "missing: r=32: seed 2" in text
     out = tmp_path / "r" / PROFILE / "ratio"
     assert (out / "table.md").read_text() == render(load_table(results, None, load_sweep("ratio"), PROFILE), "md")

@@ -137,3 +137,76 @@ def test_dashboard_rejects_bad_storage(storage, capsys):
     assert cli.main(["dashboard", "--storage", storage]) == 2
     assert capsys.readouterr().err.startswith("error: --storage")
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a finished sweep leaves in the dashboard: our table in the note, a note per trial, the figure
+
+
+def finished_mini_sweep(tmp_path):
+    """A mini sweep (3 settings x 2 seeds) trained by the fake trainer, as `ablate run` trains it."""
+    from helpers import FAKE, make_plans, write_sweep
+
+    from ablations import supervisor
+
+    results = tmp_path / "results"
+    plans = make_plans(write_sweep(tmp_path), seeds=2)
+    assert supervisor.run(plans, url_of(results), results, ["cpu"], 1, trainer=FAKE, bars=False) == 0
+    storage = open_storage(url_of(results))
+    import optuna
+
+    return results, plans[0], storage, optuna.load_study(study_name="mini-quick", storage=storage)
+
+
+def test_finished_sweep_leaves_our_table_trial_notes_and_a_figure(tmp_path, fake_trainer):
+    from optuna_dashboard import get_note
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    from analysis import dashboard
+
+    results, plan, storage, study = finished_mini_sweep(tmp_path)
+    note = get_note(study)
+    assert note.startswith(study_notes.study_note(plan))  # the paper's numbers first, ours under them
+    ours = note[note.index("### Ours"):]
+    means = {}
+    for t in study.get_trials(deepcopy=False):
+        means.setdefault(t.params["setting"], []).append(t.value)
+    for label, values in means.items():  # the measured mean of every setting, as the table prints it
+        row = next(line for line in ours.splitlines() if line.startswith(f"| {label}"))
+        assert f"{sum(values) / len(values):.2f} ± " in row
+    assert "| original (ref) | 2 |" in ours and "Best Trial" in ours and "luckiest seed" in ours
+    for t in study.get_trials(deepcopy=False):
+        trial_note = get_note(optuna_trial(study, t))
+        assert trial_note.startswith(f"## {t.params['setting']}, seed {t.params['seed']}")
+        assert f"top-1 error {t.value:.2f}%" in trial_note and t.user_attrs["run_dir"] in trial_note
+    sid = storage.get_study_id_from_name(study.study_name)
+    figures = get_plotly_graph_objects(storage.get_study_system_attrs(sid))
+    figure = json.loads(figures[dashboard.PLOT_ID])
+    dots = {tr["name"]: sorted(tr["y"]) for tr in figure["data"] if tr["mode"] == "markers" and tr["name"] in means}
+    assert dots == {k: sorted(v) for k, v in means.items()}  # one dot per seed, each its trial's value
+    study_notes.save_study_note(storage, study, plan)  # a rerun's start keeps our table
+    assert get_note(study) == note
+    api = dashboard_api(storage, f"/api/studies/{study._study_id}")  # what the dashboard's page reads
+    assert api["note"]["body"] == note
+    assert [g["id"] for g in api["plotly_graph_objects"]] == [dashboard.PLOT_ID]
+
+
+def dashboard_api(storage, path: str) -> dict:
+    """GET `path` from optuna-dashboard's WSGI app, in this process (no server, no port)."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(wsgi(storage)(environ, lambda s, headers, exc=None: status.append(s)))
+    assert status[0].startswith("200"), status
+    return json.loads(body)
+
+
+def optuna_trial(study, frozen):
+    import optuna
+
+    return optuna.trial.Trial(study, frozen._trial_id)

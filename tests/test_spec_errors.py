@@ -104,7 +104,7 @@ def test_profile_override_types():
 def test_cli_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["r_too_big"][0])
-    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path), "--profile", "paper"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
@@ -149,7 +149,7 @@ def test_bad_plugin_stops_ablate_run_before_anything_is_created(tmp_path, capsys
 def test_plugin_import_error_prints_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(CASES["plugin_import"][0])
-    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "ablations", "complexity", str(path), "--profile", "paper"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -395,7 +396,7 @@ def test_kill_9_mid_epoch_then_rerun_continues_and_matches(tmp_path):
     rerun = ablate_train(tmp_path / "cut", *extra)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
-    finished = [k for k in (1, 2, 3) if f"epoch {k}/3  train_loss" in err]
+    finished = [k for k in (1, 2, 3) if re.search(rf"epoch {k}/3  lr \S+  train_loss", err)]
     assert finished == list(range(done + 1, 4))  # continued after the checkpoint, to the end
     whole.communicate(timeout=300)
     assert whole.returncode == 0

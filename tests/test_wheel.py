@@ -71,7 +71,7 @@ def test_non_editable_install_runs_ablate_complexity_from_another_directory(tmp_
     assert venv in Path(module).parents and venv in Path(sweeps).parents and int(notebooks) == 8
 
     ablate = venv / "bin" / "ablate"
-    proc = subprocess.run([str(ablate), "complexity", "ratio", "--format", "csv"], capture_output=True, text=True,
+    proc = subprocess.run([str(ablate), "complexity", "ratio", "--profile", "paper", "--format", "csv"], capture_output=True, text=True,
                           env=env, cwd=elsewhere, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["setting"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
