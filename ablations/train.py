@@ -44,7 +44,7 @@ from ablations.rng import rng_state, seed_all, set_rng_state
 from ablations.schema import RunConfig, TrainSpec
 from ablations.spec import load_run_config
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: per-parameter SGD state (torch SGD); 1 held one flat buffer per group
 NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync on a GPU
 
 
