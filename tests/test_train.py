@@ -30,7 +30,7 @@ from ablations.train import precise_bn, train
 
 FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
               "images_per_s", "epochs", "lr_cuts", "device", "versions", "git_commit", "sweep", "profile", "setting",
-              "seed"}
+              "seed", "compile_seconds", "trials_per_device"}
 TIMING = ("epoch_seconds", "images_per_s")
 
 
@@ -120,6 +120,7 @@ def test_run_directory_contract(tmp_path):
     assert (final.params, final.macs) == (c.params, c.macs)
     assert final.gflops == pytest.approx(c.macs / 1e9)
     assert final.images_per_s > 0 and final.train_seconds > 0
+    assert final.compile_seconds == 0 and final.trials_per_device == 1  # eager, alone on its device
 
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and len(ckpt["metrics"]) == 2
