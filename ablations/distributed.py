@@ -14,6 +14,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from ablations.errors import SpecError
 from ablations.schema import TrainSpec
 
 SYNC_BN_BELOW = 32  # images per rank: below this, `train.sync_bn: null` synchronises BN
@@ -33,6 +34,15 @@ def ddp_options(dev: torch.device) -> dict[str, Any]:
     sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers")
     return {"device_ids": [dev.index] if dev.type == "cuda" else None, sync: False, "gradient_as_bucket_view": True}
+
+
+def check_compile_sync_bn(spec: TrainSpec, world_size: int, rank_batch: int) -> None:
+    """Refuse torch.compile with SyncBN over several ranks: SyncBatchNorm breaks the compiled graph at
+    every BN layer (and has failed outright in some torch versions). Compile + DDP without it works."""
+    if spec.compile and Dist(0, world_size).wants_sync_bn(spec, rank_batch):
+        raise SpecError(f"with batch norm synchronised over {world_size} ranks ({rank_batch} images "
+                        "per rank): SyncBatchNorm breaks the compiled graph; set train.sync_bn: false (or "
+                        "train.compile: false)", key="train.compile")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ablations.batches import TrialData
 from ablations.complexity import complexity
 from ablations.data import load_data
 from ablations.devices import bind, release, resolve_device, trials_per_device
-from ablations.distributed import Dist
+from ablations.distributed import Dist, check_compile_sync_bn
 from ablations.errors import SpecError, TrialFailed
 from ablations.optim import make_optimizer
 from ablations.patch import build_model
@@ -276,11 +276,8 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
     spec = cfg.train
     rank_batch = data.images_per_epoch // data.steps_per_epoch
     eval_batch = max(1, cfg.data.eval_batch_size // dist.world_size)
+    check_compile_sync_bn(spec, dist.world_size, rank_batch)
     sync_bn = dist.wants_sync_bn(spec, rank_batch)
-    if spec.compile and sync_bn:
-        raise SpecError(f"train.compile with batch norm synchronised over {dist.world_size} ranks: SyncBatchNorm "
-                        "breaks the compiled graph; set train.sync_bn: false (or train.compile: false)",
-                        key="train.compile")
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
     cx = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)  # before any training step
