@@ -34,3 +34,12 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.SGD:
     return torch.optim.SGD(param_groups(model, spec), lr=spec.lr, momentum=spec.momentum,
                            nesterov=spec.nesterov and spec.momentum > 0,
                            fused=True if cuda else None, foreach=None if cuda else True)
+
+
+def load_state(opt: torch.optim.SGD, state: dict) -> None:
+    """Restore a checkpoint's optimizer state, keeping this process's implementation (fused or foreach):
+    torch would take it from the checkpoint, and a fused state from a GPU cannot step CPU tensors."""
+    flags = [(g["fused"], g["foreach"]) for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, (fused, foreach) in zip(opt.param_groups, flags):
+        g["fused"], g["foreach"] = fused, foreach

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations import checkpoints, compiled, rundir, schedule
+from ablations import checkpoints, compiled, optim, rundir, schedule
 from ablations.atomic import write_text_atomic
 from ablations.batches import TrialData
 from ablations.complexity import complexity
@@ -303,7 +303,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
     ckpt = checkpoints.load_latest(out_dir, CHECKPOINT_FORMAT, main=dist.is_main)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        optim.load_state(opt, ckpt["optimizer"])
         start, step, train_seconds = ckpt["epoch"], ckpt["step"], ckpt["train_seconds"]
         compile_seconds += ckpt.get("compile_seconds", 0.0)
         rows = list(ckpt["metrics"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations.optim import make_optimizer
+from ablations.optim import load_state, make_optimizer
 from ablations.patch import build_model
 from ablations.schema import SESpec, TrainSpec
 from tests.helpers import tiny_cfg
@@ -147,3 +147,15 @@ def test_weight_decay_groups():
     assert sum(p.numel() for p in decay["params"]) == sum(p.numel() for p in params if p.ndim > 1)
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in params if p.ndim == 1}
     assert not make_optimizer(model, TrainSpec(momentum=0.0, nesterov=True)).param_groups[0]["nesterov"]
+
+
+def test_a_resumed_optimizer_keeps_its_own_implementation():
+    model = build_model(tiny_cfg().backbone, None)
+    opt = make_optimizer(model, TrainSpec())
+    state = opt.state_dict()
+    for g in state["param_groups"]:  # as a GPU run saves it
+        g["fused"], g["foreach"] = True, None
+    load_state(opt, state)
+    assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups)
+    F.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    opt.step()  # a fused state would step these CPU tensors with the fused kernel
