@@ -240,13 +240,15 @@ class FinalRecord:
 
     def to_attrs(self) -> dict[str, Any]:
         """The scalars, as an Optuna trial stores them: its params already say setting and seed."""
-        return {f: getattr(self, f) for f in ATTR_FIELDS}
+        return {f: getattr(self, f) for f in (*ATTR_FIELDS, *LATER_FIELDS)}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(FinalRecord))
 REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(FinalRecord) if f.default is dataclasses.MISSING)
 GRID_POINT = ("setting", "seed")
-ATTR_FIELDS = tuple(f for f in FIELDS if f not in ("lr_cuts", "versions", *GRID_POINT))
+# The scalars every stored record has; LATER_FIELDS are stored too, but older trials lack them.
+ATTR_FIELDS = tuple(f for f in REQUIRED_FIELDS if f not in ("lr_cuts", "versions", *GRID_POINT))
+LATER_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS)
 NUMBERS = ATTR_FIELDS[:ATTR_FIELDS.index("epochs") + 1]  # the measured numbers, top1_err .. epochs
 
 

@@ -128,3 +128,20 @@ def test_sparse_checkpoints_resume_from_the_last_one_with_the_same_result(tmp_pa
     final = train(cfg, run, progress=False, on_epoch=lambda row: resumed.append(row["epoch"]))
     assert resumed == [3, 4]  # from the epoch-2 checkpoint: epoch 3 again
     assert final.top1_err == whole.top1_err and final.val_loss == whole.val_loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# The final record's later fields
+
+
+def test_final_records_written_before_compile_seconds_and_packing_still_load():
+    from ablations.rundir import FinalRecord
+
+    record = FinalRecord(top1_err=10.0, top5_err=1.0, val_loss=0.5, params_m=0.1, gflops=0.01, params=100_000,
+                         macs=10**7, train_seconds=5.0, images_per_s=100.0, epochs=2, lr_cuts=(), device="cuda:0",
+                         versions={"torch": "x"}, git_commit=None, sweep="s", profile="p", setting="a", seed=0,
+                         compile_seconds=61.5, trials_per_device=3)
+    assert record.to_attrs()["compile_seconds"] == 61.5 and record.to_attrs()["trials_per_device"] == 3
+    old = {k: v for k, v in record.to_json().items() if k not in ("compile_seconds", "trials_per_device")}
+    loaded = FinalRecord.from_json(old)
+    assert (loaded.compile_seconds, loaded.trials_per_device, loaded.top1_err) == (0.0, 1, 10.0)
