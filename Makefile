@@ -29,7 +29,7 @@ AXES = ratio squeeze excitation stages integration se3x3 nosqueeze
 BEYOND = attention families   # other attention modules, other timm families (not in `make ablations`)
 
 .PHONY: install test lint ablations $(addprefix ablation-,$(AXES) $(BEYOND)) dashboard status tables figures \
-	notebooks report bench clean
+	notebooks report bench gpu-check clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ notebooks: install
 bench: install
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/render_benchmarks.py
+
+# Under 10 minutes on one GPU; then its section of BENCHMARKS.md. Without a GPU: one line, exit 0.
+GPU_CHECK_OUT ?= benchmarks/gpu_check.json
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf .venv .stamp-system *.egg-info .pytest_cache

@@ -38,6 +38,10 @@ def cli_train(args: argparse.Namespace) -> int:
     cfg = run_config(profile, setting, args.seed, sweep=sweep_name)
     if is_group(args.device):
         from ablations.ddp import launch as trainer
+        from ablations.distributed import check_compile_sync_bn
+
+        ranks = len(args.device.split(","))
+        check_compile_sync_bn(cfg.train, ranks, cfg.data.batch_size // ranks)
     else:
         from ablations.train import train as trainer
     from ablations.tensorboard_log import EpochScalars

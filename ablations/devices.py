@@ -114,3 +114,49 @@ def worker_device(device: str | None, nproc: int,
         raise SpecError(f"lists {len(devices)} devices but --nproc-per-node is {nproc}", source="--device",
                         key=device)
     return device_groups(devices, nproc)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The process on its device
+
+
+TRIALS_PER_DEVICE_ENV = "ABLATE_TRIALS_PER_DEVICE"  # set by `ablate run` in each worker it packs
+
+
+def bind(dev: Any) -> None:
+    """Make `dev` this process's current CUDA device, before anything touches CUDA: what runs on "the
+    current device" (the DataLoader's pin-memory thread, cuDNN handles, a bare `.cuda()`) would
+    otherwise open a context on GPU 0 in a worker pinned to cuda:k."""
+    if dev.type == "cuda" and dev.index is not None:
+        import torch
+
+        torch.cuda.set_device(dev)
+
+
+def release(dev: Any) -> None:
+    """Hand the trial's cached device memory back, so a long-lived worker's next trial (or a packed
+    neighbour) does not find it held by an allocator cache of models that no longer exist."""
+    if dev.type == "cuda":
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def trials_per_device() -> int:
+    """How many trials share this process's device (TRIALS_PER_DEVICE_ENV; 1 when unset)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get(TRIALS_PER_DEVICE_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+def packing(devices: list[str], workers: int) -> list[int]:
+    """For workers pinned round-robin to `devices` (`ablate run --workers N --devices ...`), how many
+    workers share each one's device."""
+    mine = [devices[w % len(devices)] for w in range(workers)]
+    return [mine.count(d) for d in mine]

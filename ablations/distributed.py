@@ -8,10 +8,41 @@ the run directory. A single process is `Dist()` (rank 0 of 1), where every metho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from ablations.errors import SpecError
+from ablations.schema import TrainSpec
+
+SYNC_BN_BELOW = 32  # images per rank: below this, `train.sync_bn: null` synchronises BN
+
+
+def ddp_options(dev: torch.device) -> dict[str, Any]:
+    """DDP's keyword arguments. Gradients are views of the all-reduce buckets (no copy from bucket to
+    `.grad` after each all-reduce). No buffer broadcast before every forward: rank 0's BN statistics
+    reach the others once per epoch, before evaluation (`Dist.broadcast_buffers`), which is all the
+    per-step broadcast achieved for the checkpointed model, and with SyncBN the ranks' statistics
+    are equal anyway. (newer torch names the option forward_sync_buffers; broadcast_buffers=False
+    there also skips the start's sync, which the ranks' identical seeding makes moot.)"""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return {"device_ids": [dev.index] if dev.type == "cuda" else None, sync: False, "gradient_as_bucket_view": True}
+
+
+def check_compile_sync_bn(spec: TrainSpec, world_size: int, rank_batch: int) -> None:
+    """Refuse torch.compile with SyncBN over several ranks: SyncBatchNorm breaks the compiled graph at
+    every BN layer (and has failed outright in some torch versions). Compile + DDP without it works."""
+    if spec.compile and Dist(0, world_size).wants_sync_bn(spec, rank_batch):
+        raise SpecError(f"with batch norm synchronised over {world_size} ranks ({rank_batch} images "
+                        "per rank): SyncBatchNorm breaks the compiled graph; set train.sync_bn: false (or "
+                        "train.compile: false)", key="train.compile")
 
 
 @dataclass(frozen=True)
@@ -40,6 +71,19 @@ class Dist:
             tdist.all_reduce(t)
         return t
 
+    def wants_sync_bn(self, spec: TrainSpec, rank_batch: int) -> bool:
+        """`train.sync_bn`, or when unset: on when a rank's batch is under SYNC_BN_BELOW images.
+
+        SyncBN makes the statistics those of one device with the global batch (results then do not
+        depend on the number of ranks) at the cost of an all-gather and an all-reduce per BN layer per
+        step (53 each for a ResNet-50) and graph breaks under torch.compile. Per-rank statistics are
+        as good once a rank's batch is 32 or more (the GroupNorm paper's Fig. 1: BN's error grows
+        below 32 per batch), the usual case on ImageNet; below that, as for cifar's 128 on 8 GPUs,
+        it pays."""
+        if self.world_size == 1:
+            return False
+        return spec.sync_bn if spec.sync_bn is not None else rank_batch < SYNC_BN_BELOW
+
     def sync_batchnorm(self, model: nn.Module, dev: torch.device) -> nn.Module:
         """BN statistics over the global batch, as on one device (torch's SyncBatchNorm has no CPU
         kernels: CPU ranks get CpuSyncBatchNorm below). timm's converter keeps the activation of its
@@ -58,7 +102,7 @@ class Dist:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return DistributedDataParallel(model, **ddp_options(dev))
 
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Every rank gets rank 0's BN running statistics, so all ranks evaluate the model rank 0

@@ -47,12 +47,17 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
 
 
 def check_decode_devices(plans: list[Plan], devices: list[str]) -> None:
-    """`data.decode: gpu` on a CPU device, refused before any study or trial changes."""
+    """`data.decode: gpu` on a CPU device, and torch.compile with SyncBN over a device group, refused
+    before any study or trial changes."""
     from ablations.data import check_decode_device
+    from ablations.devices import is_group
+    from ablations.distributed import check_compile_sync_bn
 
     for plan in plans:
         for device in devices:
             check_decode_device(plan.profile.data, device)
+            ranks = len(device.split(",")) if is_group(device) else 1
+            check_compile_sync_bn(plan.profile.train, ranks, plan.profile.data.batch_size // ranks)
 
 
 def check_scale_options(args: argparse.Namespace, workers: int | None = None) -> None:

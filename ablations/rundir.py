@@ -8,7 +8,8 @@ trainer read it, all through this module (which imports no torch, so reading res
     <results>/<profile>/<sweep>/<label dir>/seed<k>/ one trial's run directory:
         config.yaml       the resolved RunConfig; a rerun must match it
         metrics.csv       one row per epoch, METRIC_COLUMNS
-        checkpoint.pt     after every epoch (checkpoint.prev.pt: the one before; checkpoints.py)
+        checkpoint.pt     after every epoch, or as train.checkpoint_every_* say (checkpoint.prev.pt:
+                          the one before; checkpoints.py)
         excitations.npz   the excitation probe (probe.py)
         final.json        a FinalRecord, written last: its presence means the trial is complete
         events.out.tfevents.*  per-epoch scalars for TensorBoard, where it is installed (tensorboard_log.py)
@@ -211,8 +212,8 @@ class FinalRecord:
     gflops: float  # GMACs of one image at the profile's input size (the paper's "GFLOPs")
     params: int
     macs: int
-    train_seconds: float  # wall time of the training epochs, over every resumption
-    images_per_s: float  # training throughput, harmonic mean over epochs after the first
+    train_seconds: float  # wall time of the training epochs, over every resumption (no compilation)
+    images_per_s: float  # training throughput, harmonic mean over epochs after the first (no compilation)
     epochs: int  # epochs trained (the plateau schedule may stop before train.epochs)
     lr_cuts: tuple[int, ...]  # epochs after which the LR was divided
     device: str  # "cuda:0", or "cuda x4" for a DDP trial
@@ -222,6 +223,9 @@ class FinalRecord:
     profile: str
     setting: str  # the label
     seed: int
+    # Later additions, with defaults: records written before them still load.
+    compile_seconds: float = 0.0  # train.compile: compiling and warming up, over every resumption
+    trials_per_device: int = 1  # trials this one shared its device with, itself included (packing)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "lr_cuts": list(self.lr_cuts), "versions": dict(self.versions)}
@@ -229,20 +233,23 @@ class FinalRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FinalRecord:
         """The record in `data` (keys it does not know are ignored); ValueError if one is missing."""
-        missing = [f for f in FIELDS if f not in data]
+        missing = [f for f in REQUIRED_FIELDS if f not in data]
         if missing:
             raise ValueError(f"not a final record: no {', '.join(missing)}")
-        values = {f: data[f] for f in FIELDS}
+        values = {f: data[f] for f in FIELDS if f in data}
         return cls(**{**values, "lr_cuts": tuple(values["lr_cuts"]), "versions": dict(values["versions"])})
 
     def to_attrs(self) -> dict[str, Any]:
         """The scalars, as an Optuna trial stores them: its params already say setting and seed."""
-        return {f: getattr(self, f) for f in ATTR_FIELDS}
+        return {f: getattr(self, f) for f in (*ATTR_FIELDS, *LATER_FIELDS)}
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(FinalRecord))
+REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(FinalRecord) if f.default is dataclasses.MISSING)
 GRID_POINT = ("setting", "seed")
-ATTR_FIELDS = tuple(f for f in FIELDS if f not in ("lr_cuts", "versions", *GRID_POINT))
+# The scalars every stored record has; LATER_FIELDS are stored too, but older trials lack them.
+ATTR_FIELDS = tuple(f for f in REQUIRED_FIELDS if f not in ("lr_cuts", "versions", *GRID_POINT))
+LATER_FIELDS = tuple(f for f in FIELDS if f not in REQUIRED_FIELDS)
 NUMBERS = ATTR_FIELDS[:ATTR_FIELDS.index("epochs") + 1]  # the measured numbers, top1_err .. epochs
 
 

@@ -318,9 +318,27 @@ class TrainSpec(Frozen):
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(
         True, description="channels_last memory format (CUDA and CPU: faster for oneDNN convs too)")
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: bool = Field(
+        False, description=(
+            "torch.compile the model; compiled before the first epoch, its time is compile_seconds (not in "
+            "train_seconds or images_per_s)"))
+    sync_bn: bool | None = Field(
+        None, description=(
+            "DDP: batch norm over the global batch (all-reduces per BN layer and step); None: on when a rank's "
+            "batch is under 32 images, where per-rank statistics get noisy"))
+    checkpoint_every_epochs: int | None = Field(
+        1, gt=0, description="checkpoint after this many epochs since the last one (None: by minutes only)")
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0, description="also checkpoint after an epoch that ends this many minutes after the last one")
     deterministic: bool = Field(False, description="deterministic algorithms (bitwise-repeatable on CPU)")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default)")
+
+    @model_validator(mode="after")
+    def _some_checkpoints(self) -> TrainSpec:
+        if self.checkpoint_every_epochs is None and self.checkpoint_every_minutes is None:
+            raise ValueError("checkpoint_every_epochs and checkpoint_every_minutes are both null: set one "
+                             "(a run would keep no checkpoint before its last epoch)")
+        return self
 
 
 class Profile(NamedSpec):

@@ -17,6 +17,7 @@ import optuna
 from tqdm import tqdm
 
 from ablations import resilience, storage_url, worker
+from ablations.devices import packing
 from ablations.grid import Plan, enqueue_missing, open_study, point_states
 from ablations.processes import usable_cores
 from ablations.progress import Progress, outcome, start_summary
@@ -44,10 +45,12 @@ def _spawn(url: str, names: list[str], results_dir: Path, devices: list[str], wo
     events = ctx.Queue()
     storage = progress.storage
 
+    packed = packing(devices, workers)
+
     def start(w: int) -> mp.process.BaseProcess:
         p = ctx.Process(target=worker.process_main, name=f"ablate-worker-{w}",
                         args=(url, names, str(results_dir), devices[w % len(devices)], None, events, w,
-                              trainer, threads))
+                              trainer, threads, packed[w]))
         p.start()
         return p
 

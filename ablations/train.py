@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations import checkpoints, rundir, schedule
+from ablations import checkpoints, compiled, optim, rundir, schedule
 from ablations.atomic import write_text_atomic
 from ablations.batches import TrialData
 from ablations.complexity import complexity
 from ablations.data import load_data
-from ablations.devices import resolve_device
-from ablations.distributed import Dist
+from ablations.devices import bind, release, resolve_device, trials_per_device
+from ablations.distributed import Dist, check_compile_sync_bn
 from ablations.errors import SpecError, TrialFailed
 from ablations.optim import make_optimizer
 from ablations.patch import build_model
@@ -45,7 +45,7 @@ from ablations.schema import RunConfig, TrainSpec
 from ablations.spec import load_run_config
 from ablations.terminal import real_terminal  # a log file gets the epoch lines, not bar frames
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: per-parameter SGD state (torch SGD); 1 held one flat buffer per group
 NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync on a GPU
 
 
@@ -54,9 +54,13 @@ NAN_CHECK_EVERY = 25  # steps between finiteness checks: each is a device sync o
 
 
 @contextlib.contextmanager
-def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
+def torch_settings(spec: TrainSpec, device: torch.device, packed: int = 1) -> Iterator[None]:
     """Threads, determinism and kernel choices for this trial; the process's own are restored after
-    (tests and in-process workers run several trials in one interpreter)."""
+    (tests and in-process workers run several trials in one interpreter).
+
+    cuDNN's autotuner (`cudnn.benchmark`) only on a device of its own (`packed` 1): timed while a
+    packed neighbour runs, it picks algorithms for the contention of that moment, and its trial
+    workspaces can run a neighbour out of memory."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
@@ -68,7 +72,7 @@ def torch_settings(spec: TrainSpec, device: torch.device) -> Iterator[None]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to repeat
             torch.use_deterministic_algorithms(True)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = not spec.deterministic
+            torch.backends.cudnn.benchmark = not spec.deterministic and packed == 1
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         yield
@@ -114,22 +118,37 @@ def versions() -> dict[str, str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TrialData, amp: Callable[[], Any], dist: Dist, num_classes: int
-             ) -> tuple[float, float, float]:
-    """Validation loss (plain cross-entropy, no smoothing) and top-1 / top-5 error in %."""
+def evaluate(model: nn.Module, data: TrialData, amp: Callable[[], Any], dist: Dist, num_classes: int,
+             pad_to: int | None = None) -> tuple[float, float, float]:
+    """Validation loss (plain cross-entropy, no smoothing) and top-1 / top-5 error in %.
+
+    `pad_to`: a compiled model's batch size; a shorter (last) batch is padded to it and the padding's
+    outputs dropped (eval-mode BN treats images independently), so no second shape compiles."""
     model.eval()
     k = min(5, num_classes)
     sums = None
     for x, y in data.val_batches():
+        if pad_to is not None and len(x) < pad_to:
+            x = _padded(x, pad_to)
         with amp():
             logits = model(x)
-        logits = logits.float()
+        logits = logits[:len(y)].float()
         hits = logits.topk(k, dim=1).indices == y[:, None]
         batch = torch.stack([F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(),
                              hits.any(1).sum(), torch.tensor(len(y), device=y.device)]).double()
         sums = batch if sums is None else sums + batch
     loss, top1, top5, n = dist.sum(sums).tolist()
     return loss / n, 100.0 * (1 - top1 / n), 100.0 * (1 - top5 / n)
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` followed by zero images up to `n`, in `x`'s memory format (a compiled graph guards on it)."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    out[:len(x)] = x
+    out[len(x):] = 0
+    return out
 
 
 @torch.no_grad()
@@ -235,35 +254,47 @@ def train(cfg: RunConfig, out_dir: Path, *, device: str | None = None, data_root
     if done is not None:
         return done
     dev = resolve_device(device)
+    bind(dev)  # before the data (pin-memory thread) or the model touch CUDA
     if dist.is_main:
         for stale in rundir.temp_files(out_dir):  # writes a kill cut short
             stale.unlink(missing_ok=True)
 
     mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    with torch_settings(cfg.train, dev):
+    packed = trials_per_device()
+    with torch_settings(cfg.train, dev, packed):
         data = load_data(cfg, device=dev, root=data_root, memory_format=mf, rank=dist.rank,
                          world_size=dist.world_size)
         try:
-            return _train(cfg, out_dir, dev, dist, data, mf, progress, on_epoch)
+            return _train(cfg, out_dir, dev, dist, data, mf, progress, on_epoch, packed)
         finally:
             data.close()  # a long-lived worker's next trial must not inherit this one's loader workers
+            release(dev)
 
 
 def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: TrialData,
-           mf: torch.memory_format, progress: bool, on_epoch: Callable[[dict], None] | None
+           mf: torch.memory_format, progress: bool, on_epoch: Callable[[dict], None] | None, packed: int
            ) -> rundir.FinalRecord:
     spec = cfg.train
+    rank_batch = data.images_per_epoch // data.steps_per_epoch
+    eval_batch = max(1, cfg.data.eval_batch_size // dist.world_size)
+    check_compile_sync_bn(spec, dist.world_size, rank_batch)
+    sync_bn = dist.wants_sync_bn(spec, rank_batch)
     seed_all(cfg.seed)
     model = build_model(cfg.backbone, cfg.se)
     cx = complexity(model, cfg.data.input_size, cfg.backbone.in_chans)  # before any training step
-    model = dist.sync_batchnorm(model, dev).to(dev, memory_format=mf)
+    model = (dist.sync_batchnorm(model, dev) if sync_bn else model).to(dev, memory_format=mf)
     opt = make_optimizer(model, spec)
-    net = dist.wrap(model, dev)
-    net = torch.compile(net) if spec.compile else net
-    # DDP's forward may talk to the other ranks, and validation shards can differ by one batch.
-    eval_net = net if dist.world_size == 1 else torch.compile(model) if spec.compile else model
-
+    net = eval_net = dist.wrap(model, dev)
+    if dist.world_size > 1:  # DDP's forward may talk to the other ranks; validation shards can differ
+        eval_net = model
     amp = autocast(spec, dev)
+    compile_seconds = 0.0
+    if spec.compile:
+        net, eval_net = compiled.compile_nets(model, net, dist.world_size)
+        compile_seconds = compiled.warm_up(
+            model, net, eval_net, train_batch=rank_batch, eval_batch=eval_batch,
+            image=(cfg.backbone.in_chans, cfg.data.input_size, cfg.data.input_size),
+            device=dev, memory_format=mf, amp=amp)
     # Claimed only now that data and model are known to work: a run that failed on bad input leaves
     # no config behind to clash with the corrected rerun.
     if dist.is_main and not (out_dir / rundir.CONFIG).exists():
@@ -273,11 +304,13 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
     ckpt = checkpoints.load_latest(out_dir, CHECKPOINT_FORMAT, main=dist.is_main)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        optim.load_state(opt, ckpt["optimizer"])
         start, step, train_seconds = ckpt["epoch"], ckpt["step"], ckpt["train_seconds"]
+        compile_seconds += ckpt.get("compile_seconds", 0.0)
         rows = list(ckpt["metrics"])
         set_rng_state(ckpt["rng"])
         del ckpt
+    saved_epoch, saved_at = start, time.monotonic()
 
     for epoch in range(start, spec.epochs):  # `epochs` is the cap; the plateau rule may end sooner
         plateau = schedule.plateau_state(spec, [r["val_loss"] for r in rows])
@@ -289,7 +322,8 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
                                                        cuts=len(plateau.cuts))
         precise_bn(model, data, epoch, cfg.seed, spec.precise_bn, amp)
         dist.broadcast_buffers(model)
-        val_loss, top1, top5 = evaluate(eval_net, data, amp, dist, cfg.backbone.num_classes)
+        val_loss, top1, top5 = evaluate(eval_net, data, amp, dist, cfg.backbone.num_classes,
+                                        pad_to=eval_batch if spec.compile else None)
         if not math.isfinite(val_loss):  # an error rate from overflowing logits is no result
             raise TrialFailed(f"validation loss is {val_loss} after epoch {epoch + 1} (training loss "
                               f"{train_loss:.4g}): eval-mode activations overflowed, diverged")
@@ -299,12 +333,15 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
                                 top1_err=top1, top5_err=top5, epoch_seconds=epoch_s,
                                 images_per_s=data.images_per_epoch * dist.world_size / loop_s)
         rows.append(row)
+        if checkpoints.due(spec, epoch + 1, saved_epoch, time.monotonic() - saved_at):
+            if dist.is_main:
+                checkpoints.save(out_dir, {  # keeps the previous one too: checkpoints.py
+                    "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+                    "metrics": rows, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+                })
+            saved_epoch, saved_at = epoch + 1, time.monotonic()
         if dist.is_main:
-            checkpoints.save(out_dir, {  # keeps the previous one too: checkpoints.py
-                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "step": step,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-                "metrics": rows, "train_seconds": train_seconds,
-            })
             rundir.write_metrics(out_dir, rows)
         if progress:
             from tqdm.auto import tqdm
@@ -322,7 +359,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
         save_excitations(out_dir / rundir.EXCITATIONS,
                          probe_excitations(model, data, cfg.backbone.num_classes))
     last = rows[-1]
-    steady = rows[1:] or rows  # the first epoch pays warm-up (allocator, compile, cudnn autotune)
+    steady = rows[1:] or rows  # the first epoch pays what warm-up is left (allocator, cudnn autotune)
     final = rundir.FinalRecord(
         top1_err=last["top1_err"], top5_err=last["top5_err"], val_loss=last["val_loss"],
         params_m=cx.params_m, gflops=cx.gflops, params=cx.params, macs=cx.macs,
@@ -332,6 +369,7 @@ def _train(cfg: RunConfig, out_dir: Path, dev: torch.device, dist: Dist, data: T
         device=str(dev) if dist.world_size == 1 else f"{dev.type} x{dist.world_size}",
         versions=versions(), git_commit=rundir.git_commit(),
         sweep=cfg.sweep, profile=cfg.profile, setting=cfg.setting, seed=cfg.seed,
+        compile_seconds=compile_seconds, trials_per_device=packed,
     )
     if dist.is_main:
         rundir.write_final(out_dir, final)

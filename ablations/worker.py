@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import math
 import multiprocessing as mp
+import os
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations import resilience, rundir
-from ablations.devices import is_group
+from ablations.devices import TRIALS_PER_DEVICE_ENV, bind, is_group
 from ablations.errors import ClaimLost, RunDirBusy, SpecError, TrialFailed, UserError, first_line
 from ablations.grid import Plan, plan_from_attrs
 from ablations.processes import die_with_multiprocessing_parent, sigterm_as_interrupt, worker_identity
@@ -223,6 +224,10 @@ def work(url: str, study_names: list[str], *, results_dir: str | Path, device: s
     `tables_ready`: started by `ablate run`, which has just opened the storage (storage.open_storage).
     """
     resilience.check_writable(Path(results_dir))  # before claiming anything
+    if device is not None and not is_group(device):
+        import torch
+
+        bind(torch.device(device))  # this process's CUDA device from the start (devices.bind)
     storage = open_storage(url, tables_ready)
     loaded = []
     for name in study_names:
@@ -293,12 +298,15 @@ def process_context(trainer: str = TRAINER) -> mp.context.BaseContext:
 
 
 def process_main(url: str, study_names: list[str], results_dir: str, device: str | None,
-                 data_root: str | None, queue: Any, worker: int, trainer: str, threads: int | None) -> None:
+                 data_root: str | None, queue: Any, worker: int, trainer: str, threads: int | None,
+                 packed: int = 1) -> None:
     """Entry point of one worker process (see process_context). A worker whose `ablate run` is killed
     (even with -9) is killed too, instead of training on as an orphan; its trial stays RUNNING with a
-    dead pid, which the next run on this host requeues at once."""
+    dead pid, which the next run on this host requeues at once. `packed`: workers on this one's device
+    (the final records' trials_per_device; the trainer and DDP ranks read it from the environment)."""
     die_with_multiprocessing_parent()
     sigterm_as_interrupt()
+    os.environ[TRIALS_PER_DEVICE_ENV] = str(packed)
     if threads is not None:  # N CPU workers share the cores; a profile's train.threads still wins
         import torch
 

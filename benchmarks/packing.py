@@ -1,14 +1,15 @@
 """Several trials on one device: do k trainers at once train more images per second than one?
 
-    python benchmarks/packing.py --profile cifar --set data.dataset=synthetic --device cuda [--json FILE]
+    python benchmarks/packing.py --profile cifar --set data.dataset=synthetic --device cuda [--trials 1,2]
+        [--json FILE]
 
 `ablate run --workers 2 --devices cuda:0` packs two trials onto one GPU (workers are pinned to the
 devices round-robin). A model that leaves the GPU idle between kernel launches trains more images per
-second in total that way; one that already fills it only shares it. For k = 1 and 2 this starts k
+second in total that way; one that already fills it only shares it. For each k of --trials this starts k
 processes that each build the profile's model (standard SE, r=16), its data and optimiser on the
 device, train one untimed epoch, wait for the others, then time --epochs epochs of the trainer's own
 epoch loop (`ablations.train.train_epoch`). Aggregate images/s = every process's images / the slowest
-process's wall time.
+process's wall time; each process's own images/s are listed too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
     import torch
 
     from ablations.data import load_data
-    from ablations.devices import resolve_device
+    from ablations.devices import bind, resolve_device
     from ablations.optim import make_optimizer
     from ablations.patch import build_model
     from ablations.schema import SESpec, Setting
@@ -38,6 +39,7 @@ def trainer_process(args: argparse.Namespace, start: mp.synchronize.Barrier, out
 
     cfg = run_config(load_profile(args.profile, args.set), Setting(label="SE r=16", se=SESpec()), seed=0)
     dev = resolve_device(args.device)
+    bind(dev)
     spec = cfg.train
     mf = torch.channels_last if spec.channels_last else torch.contiguous_format
 
@@ -76,7 +78,8 @@ def packed(args: argparse.Namespace, k: int) -> dict:
             raise SystemExit(f"a trainer process failed (exit {p.exitcode})")
     images = sum(n for n, _ in results)
     slowest = max(s for _, s in results)
-    return {"trials": k, "images": images, "wall_s": slowest, "img_s": images / slowest}
+    return {"trials": k, "images": images, "wall_s": slowest, "img_s": images / slowest,
+            "img_s_each": [n / s for n, s in results]}
 
 
 def main() -> int:
@@ -87,13 +90,15 @@ def main() -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per trainer")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for a trainer")
+    p.add_argument("--trials", default="1,2", help="comma-separated numbers of trials at once (first: the reference)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
-    rows = [packed(args, k) for k in (1, 2)]
-    gain = rows[1]["img_s"] / rows[0]["img_s"]
+    rows = [packed(args, int(k)) for k in args.trials.split(",")]
+    gain = rows[-1]["img_s"] / rows[0]["img_s"]
     for r in rows:
-        print(f"{r['trials']} trial(s) at once: {r['img_s']:.0f} images/s ({r['images']} images in {r['wall_s']:.1f} s)")
-    print(f"2 packed / 1 alone: {gain:.2f}x")
+        print(f"{r['trials']} trial(s) at once: {r['img_s']:.0f} images/s ({r['images']} images in {r['wall_s']:.1f} s; "
+              f"each {', '.join(f'{x:.0f}' for x in r['img_s_each'])})")
+    print(f"{rows[-1]['trials']} packed / {rows[0]['trials']}: {gain:.2f}x")
     if args.json:
         from ablations.atomic import write_atomic
 

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+import gpu_check
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results.json"
 OUT = ROOT / "BENCHMARKS.md"
@@ -176,6 +178,7 @@ def render(r: dict) -> str:
     fp = r.get("folder_pipeline")
     if fp:
         lines += folder_section(fp)
+    lines += gpu_check.section(r.get("gpu_check"))
     return "\n".join(lines) + "\n"
 
 

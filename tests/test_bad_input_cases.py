@@ -224,3 +224,16 @@ def test_fine_inputs_still_pass(tmp_path):
     assert load_profile("quick", ["train.lr=1", "backbone.small_stem=false"]).train.lr == 1.0
     path = _write(tmp_path / "ok.yaml", yaml.safe_dump({"table": 10, "settings": [{"label": "r=16"}]}))
     assert load_sweep(path).table == 10
+
+
+@pytest.mark.parametrize(("sets", "expected"), [
+    (["train.checkpoint_every_epochs=null"], "checkpoint_every_epochs and checkpoint_every_minutes are both null"),
+    (["train.checkpoint_every_minutes=0"], "train.checkpoint_every_minutes: Input should be greater than 0"),
+    (["train.sync_bn=maybe"], "train.sync_bn: Input should be a valid boolean"),
+    (["train.compile=true", "train.sync_bn=true"], "train.compile: with batch norm synchronised over 2 ranks"),
+])
+def test_gpu_options(tmp_path, capsys, sets, expected):
+    argv = ["train", "--profile", "quick", "--device", "cpu,cpu", "--out", tmp_path / "t"]
+    rc, _, err = _cli(capsys, *argv, *[x for s in sets for x in ("--set", s)])
+    _one_line(rc, err, expected)
+    assert not (tmp_path / "t").exists()

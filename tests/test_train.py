@@ -22,17 +22,16 @@ from helpers import ROOT, TINY_SET, env, set_options, tiny_cfg
 from ablations import cli
 from ablations.complexity import complexity
 from ablations.errors import SpecError, TrialFailed
-from ablations.optim import make_optimizer
 from ablations.patch import build_model
 from ablations.rundir import METRIC_COLUMNS
 from ablations.schedule import lr_at, plateau
-from ablations.schema import SESpec, TrainSpec
+from ablations.schema import TrainSpec
 from ablations.spec import load_profile
 from ablations.train import precise_bn, train
 
 FINAL_KEYS = {"top1_err", "top5_err", "val_loss", "params_m", "gflops", "params", "macs", "train_seconds",
               "images_per_s", "epochs", "lr_cuts", "device", "versions", "git_commit", "sweep", "profile", "setting",
-              "seed"}
+              "seed", "compile_seconds", "trials_per_device"}
 TIMING = ("epoch_seconds", "images_per_s")
 
 
@@ -98,55 +97,6 @@ def test_precise_bn_averages_batch_statistics_and_leaves_momentum():
     torch.testing.assert_close(bn.running_mean, before)  # 0 batches: untouched
 
 
-def test_weight_decay_skips_bn_and_bias():
-    model = build_model(tiny_cfg().backbone, SESpec(bias=True))
-    params = list(model.parameters())
-    opt = make_optimizer(model, TrainSpec(weight_decay=1e-4, nesterov=True))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    assert decay["nesterov"] is True
-    assert decay["params"][0].numel() == sum(p.numel() for p in params if p.ndim > 1)
-    assert no_decay["params"][0].numel() == sum(p.numel() for p in params if p.ndim == 1)
-    everything = make_optimizer(build_model(tiny_cfg().backbone, None), TrainSpec(wd_skip_bn_bias=False))
-    assert len(everything.param_groups) == 1
-
-
-def test_flat_sgd_is_bit_identical_to_torch_sgd():
-    spec = TrainSpec(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
-    models = []
-    for flat in (False, True):
-        torch.manual_seed(0)
-        model = build_model(tiny_cfg().backbone, SESpec()).to(memory_format=torch.channels_last)
-        if flat:
-            opt = make_optimizer(model, spec)
-        else:
-            groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
-                      {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-            opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
-        for _ in range(2):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        assert opt.step(closure) > 0
-        models.append(model)
-    plain, flat = models
-    for (name, a), b in zip(plain.named_parameters(), flat.parameters()):
-        assert torch.equal(a, b), name
-    conv = flat.conv1.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)  # the layout survives flattening
-    buffer = opt.param_groups[0]["params"][0]
-    assert conv.data_ptr() == buffer.data_ptr()  # the first weight is the start of the flat buffer
-    assert torch.equal(buffer.grad[:conv.numel()], conv.grad.permute(0, 2, 3, 1).flatten())  # its grad too
-
-
 # --------------------------------------------------------------------------------------------------
 # Run directory
 
@@ -171,6 +121,7 @@ def test_run_directory_contract(tmp_path):
     assert (final.params, final.macs) == (c.params, c.macs)
     assert final.gflops == pytest.approx(c.macs / 1e9)
     assert final.images_per_s > 0 and final.train_seconds > 0
+    assert final.compile_seconds == 0 and final.trials_per_device == 1  # eager, alone on its device
 
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4 and len(ckpt["metrics"]) == 2
