@@ -5,8 +5,11 @@ launch)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
+from wsgiref.simple_server import make_server
 
 from ablations import rundir, storage_url
 from ablations.devices import device_groups, resolve_devices, worker_device
@@ -93,18 +96,25 @@ def cli_dashboard(args: argparse.Namespace) -> int:
     check_port(args.port)
     url = storage_url.resolve(args.results_dir, args.storage)
     storage = open_storage(url)
-    from optuna_dashboard import run_server  # seconds: only once the options are known to be good
+    from optuna_dashboard import wsgi  # seconds: only once the options are known to be good
 
-    print(f"optuna-dashboard on {storage_url.shown(url)}: http://{args.host}:{args.port}/ (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
-    sigterm_as_interrupt()  # `kill` stops the server as Ctrl-C does
     try:
-        run_server(storage, host=args.host, port=args.port)
+        server = make_server(args.host, args.port, wsgi(storage))
     except (OSError, OverflowError) as e:  # the port taken, the host unknown here
         reason = getattr(e, "strerror", None) or e
         raise SpecError(f"cannot listen on {args.host}:{args.port}: {reason}", source="--port") from None
-    except KeyboardInterrupt:
-        pass
+    print(f"optuna-dashboard on {storage_url.shown(url)}: http://{args.host}:{args.port}/ (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+
+    # Ctrl-C or `kill` stop the server between requests. A KeyboardInterrupt (optuna-dashboard's own
+    # run_server) can land inside a request, where wsgiref's handler swallows it and serves on.
+    def stop(*_) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with server:
+        server.serve_forever()
     return 0
 
 
