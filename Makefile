@@ -12,6 +12,7 @@ PRECISION ?=   # top-1 points: add seeds in rounds until every row's minimum det
 MAX_SEEDS ?=   # with PRECISION: the most seeds per setting (ablate's default: 20)
 PORT    ?= 8080
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2   # pytest-xdist processes for `make test` (1: one process, no xdist)
 
 ifdef PYTHON
 PY := $(PYTHON)
@@ -47,7 +48,7 @@ install: $(STAMP)
 export PYTHONPATH := $(CURDIR)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $$($(PY) -c 'import xdist' 2>/dev/null && [ $(TEST_WORKERS) -gt 1 ] && echo '-n $(TEST_WORKERS)') $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
