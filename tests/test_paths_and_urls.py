@@ -156,10 +156,25 @@ def test_reading_resolves_storage_as_running_does(tmp_path):
 def test_the_dashboard_banner_masks_the_password(tmp_path, monkeypatch, capsys):
     import optuna_dashboard
 
-    from ablations import storage
+    from ablations import cli_run, storage
 
     served = []
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append(port))
+
+    class Server:  # serves nothing: the banner is printed before serving starts
+        def __init__(self, host, port, app):
+            served.append(port)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def serve_forever(self):
+            return None
+
+    monkeypatch.setattr(optuna_dashboard, "wsgi", lambda storage: None)
+    monkeypatch.setattr(cli_run, "make_server", Server)
     monkeypatch.setattr(storage, "open_storage", lambda url, tables_ready=False: object())
     rc = cli.main(["dashboard", "--storage", "postgresql://u:s3cret@db/x", "--port", "8123"])
     err = capsys.readouterr().err
