@@ -74,6 +74,31 @@ def free_port() -> int:
         return s.getsockname()[1]  # nothing listens on it once the socket is closed
 
 
+def assert_same_as_timm(ours, reference) -> None:
+    """`ours` (our patched model) computes exactly what `reference` (timm's own model) does: the same
+    module tree, and after loading its weights the same outputs in eval mode, and in train mode the same
+    outputs (batch statistics) and gradients of the input and of every parameter."""
+    import torch
+
+    state = reference.state_dict()
+    assert set(ours.state_dict()) == set(state)  # the same module tree, key by key
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    reference.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
+    reference.train(), ours.train()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_o = reference(xr), ours(xo)
+    torch.testing.assert_close(out_o, out_r, rtol=0, atol=0)
+    out_r.square().sum().backward()
+    out_o.square().sum().backward()
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=0, atol=0)
+    grads = dict(reference.named_parameters())
+    for key, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key].grad, rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The fake trainer
 

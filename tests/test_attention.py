@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers import assert_same_as_timm
 from test_se_patch import BACKBONES, expected_se_channels
 
 from ablations.complexity import complexity
@@ -82,23 +83,7 @@ def test_patched_model_is_numerically_timms(name):
     torch.manual_seed(0)
     reference = timm.create_model("resnet50", block_args={"attn_layer": name})
     ours = build_model(BackboneSpec(), SESpec(attention=name))
-    state = reference.state_dict()
-    assert set(ours.state_dict()) == set(state)  # the same module tree, key by key
-    ours.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 64, 64)
-    reference.eval(), ours.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
-    reference.train(), ours.train()
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_r, out_o = reference(xr), ours(xo)
-    torch.testing.assert_close(out_o, out_r, rtol=0, atol=0)
-    out_r.square().sum().backward()
-    out_o.square().sum().backward()
-    torch.testing.assert_close(xo.grad, xr.grad, rtol=0, atol=0)
-    grads = dict(reference.named_parameters())
-    for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[key].grad, rtol=0, atol=0, msg=key)
+    assert_same_as_timm(ours, reference)
 
 
 def test_ge_is_timms_where_timm_builds_it_else_refused():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import assert_same_as_timm
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 from ablations.cli import main
@@ -70,21 +71,7 @@ def test_eca_in_efficientnets_slot_is_timms_se_layer_eca_model():
     torch.manual_seed(0)
     reference = timm.create_model("efficientnet_b0", se_layer="eca")
     ours = build_model(BackboneSpec(arch="efficientnet_b0"), SESpec(attention="eca"))
-    state = reference.state_dict()
-    assert set(ours.state_dict()) == set(state)
-    ours.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 64, 64)
-    reference.eval(), ours.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)
-    reference.train(), ours.train()
-    out_r, out_o = reference(x), ours(x)
-    torch.testing.assert_close(out_o, out_r, rtol=0, atol=0)
-    out_r.square().sum().backward()
-    out_o.square().sum().backward()
-    grads = dict(reference.named_parameters())
-    for key, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[key].grad, rtol=0, atol=0, msg=key)
+    assert_same_as_timm(ours, reference)
 
 
 def test_efficientnet_stage_names():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablations.optim import load_state, make_optimizer
+from ablations.optim import load_state, make_optimizer, param_groups
 from ablations.patch import build_model
 from ablations.schema import SESpec, TrainSpec
 from tests.helpers import tiny_cfg
@@ -89,13 +89,8 @@ class FlatSGD(torch.optim.SGD):
 
 
 def flat_reference(model: nn.Module, spec: TrainSpec) -> FlatSGD:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if spec.wd_skip_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return FlatSGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0)
+    return FlatSGD(param_groups(model, spec), lr=spec.lr, momentum=spec.momentum,
+                   nesterov=spec.nesterov and spec.momentum > 0)
 
 
 # --------------------------------------------------------------------------------------------------
