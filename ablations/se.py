@@ -19,6 +19,8 @@ from torch import nn
 from ablations.errors import SpecError
 
 GATES = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+# fc2's init for the unbounded ReLU gate, as a fraction of timm's: see SEModule.reset_parameters.
+RELU_GATE_INIT_SCALE = 0.01
 SQUEEZES = ("avg", "max", "none")
 
 
@@ -51,6 +53,7 @@ class SEModule(nn.Module):
             raise SpecError(f"unknown gate {gate!r} (known: {', '.join(GATES)})", key="gate")
         hidden = hidden_width(channels, reduction)
         self.channels, self.reduction, self.squeeze, self.name = channels, reduction, squeeze, name
+        self.gate_name = gate
         self.attention_name, self.attention_channels = name, channels  # what attention.attention_blocks reads
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.act = nn.ReLU(inplace=True)
@@ -65,9 +68,18 @@ class SEModule(nn.Module):
         The blocks are inserted after timm initialised the backbone, so without this they would keep
         PyTorch's default (std ~10x smaller for fc1), and the gates would start and stay near 0.5. Biases,
         when on, keep PyTorch's default, as in timm's `seresnet*`.
+
+        The ReLU gate's fc2 starts at RELU_GATE_INIT_SCALE of that. Unbounded, a ReLU gate at timm's scale
+        multiplies some channels of some images by 10-20 at initialisation (on small maps the pooled
+        vector is heavy-tailed), gains that grow in training until eval-mode activations overflow; a
+        bounded gate cannot do that. The paper gives no init; README "The quick profile" has the range
+        that trains.
         """
         for fc in (self.fc1, self.fc2):
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
+        if self.gate_name == "relu":
+            with torch.no_grad():
+                self.fc2.weight.mul_(RELU_GATE_INIT_SCALE)
 
     def excite(self, x: torch.Tensor) -> torch.Tensor:
         """The excitation s: [N, C, 1, 1] (NoSqueeze: [N, C, H, W]), the output of `self.gate`."""

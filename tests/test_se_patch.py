@@ -268,3 +268,25 @@ def test_se_init_matches_timms_seresnet50():
     plain = build_model(BackboneSpec(arch="resnet50"), SESpec())
     fc1 = se_blocks(plain)["SE_2_1"].fc1.weight
     assert abs(fc1.std().item() / (2.0 / 16) ** 0.5 - 1) < 0.1
+
+
+def test_relu_gate_starts_at_a_fraction_of_timms_scale():
+    """Only the unbounded ReLU gate's fc2 starts smaller; fc1, and the bounded gates, keep timm's init."""
+    from ablations.se import RELU_GATE_INIT_SCALE
+
+    modules = {}
+    for gate in ("sigmoid", "tanh", "relu"):
+        torch.manual_seed(0)
+        modules[gate] = SEModule(256, reduction=16, gate=gate)
+    sig, tanh, relu = modules["sigmoid"], modules["tanh"], modules["relu"]
+    assert 0 < RELU_GATE_INIT_SCALE < 1
+    torch.testing.assert_close(relu.fc1.weight, sig.fc1.weight)
+    torch.testing.assert_close(tanh.fc2.weight, sig.fc2.weight)
+    torch.testing.assert_close(relu.fc2.weight, sig.fc2.weight * RELU_GATE_INIT_SCALE)
+    # On unit-variance 2x2 maps a ReLU gate at timm's scale already amplifies some channels (gain > 1,
+    # which no sigmoid gate can); at the init it gets, no gain reaches 1
+    x = torch.randn(64, 256, 2, 2)
+    at_timm_scale = SEModule(256, reduction=16, gate="relu")
+    with torch.no_grad():
+        at_timm_scale.fc2.weight.copy_(sig.fc2.weight)
+    assert relu.excite(x).max() < 1.0 < at_timm_scale.excite(x).max()
