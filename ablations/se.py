@@ -53,7 +53,6 @@ class SEModule(nn.Module):
             raise SpecError(f"unknown gate {gate!r} (known: {', '.join(GATES)})", key="gate")
         hidden = hidden_width(channels, reduction)
         self.channels, self.reduction, self.squeeze, self.name = channels, reduction, squeeze, name
-        self.gate_name = gate
         self.attention_name, self.attention_channels = name, channels  # what attention.attention_blocks reads
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.act = nn.ReLU(inplace=True)
@@ -77,7 +76,7 @@ class SEModule(nn.Module):
         """
         for fc in (self.fc1, self.fc2):
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
-        if self.gate_name == "relu":
+        if isinstance(self.gate, nn.ReLU):
             with torch.no_grad():
                 self.fc2.weight.mul_(RELU_GATE_INIT_SCALE)
 
