@@ -197,7 +197,7 @@ def test_kill_9_mid_loop_then_rerun_completes_each_point_once_at_the_same_seeds(
     assert p.exitcode == 0
     expected = rule_holds(whole, sweep, 2.5, 20)
 
-    p = ctx.Process(target=_loop_in_process, args=(plans, str(cut), "0.2"))
+    p = ctx.Process(target=_loop_in_process, args=(plans, str(cut), "1.0"))
     p.start()
     url = url_of(cut)
 
